@@ -1,0 +1,189 @@
+//! The bounded FIFO between collection and delivery (GUIDE §5).
+//!
+//! When full, the oldest sample is dropped and counted; nothing else ever
+//! removes a sample except confirmed delivery or a refusal of its payload.
+//! The sender reads a batch without removing it, and removes it only once
+//! the manager has answered, so a failed request loses nothing.
+
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use crate::Sample;
+
+/// The sample queue shared by the collector and the sender.
+#[derive(Debug)]
+pub struct Buffer {
+    inner: Mutex<Inner>,
+    ready: Condvar,
+    capacity: usize,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    queue: VecDeque<Sample>,
+    dropped: u64,
+    closed: bool,
+}
+
+impl Buffer {
+    /// An empty buffer holding at most `capacity` samples (at least 1).
+    pub fn new(capacity: usize) -> Buffer {
+        Buffer {
+            inner: Mutex::new(Inner::default()),
+            ready: Condvar::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic elsewhere must not stop collection: the queue stays valid.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends a sample, first dropping the oldest if the buffer is full. The
+    /// sample's `dropped_samples` is set to the count including that drop.
+    pub fn push(&self, mut sample: Sample) {
+        let mut g = self.lock();
+        if g.queue.len() >= self.capacity {
+            g.queue.pop_front();
+            g.dropped += 1;
+        }
+        sample.dropped_samples = g.dropped;
+        g.queue.push_back(sample);
+        drop(g);
+        self.ready.notify_all();
+    }
+
+    /// Samples dropped so far because the buffer was full.
+    pub fn dropped(&self) -> u64 {
+        self.lock().dropped
+    }
+
+    /// Samples waiting for delivery.
+    pub fn len(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    /// True when nothing waits for delivery.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The capacity in samples.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Copies of the oldest `max` samples, waiting until at least one is
+    /// there, the buffer is closed, or `deadline` passes (empty result).
+    pub fn peek_batch(&self, max: usize, deadline: Option<Instant>) -> Vec<Sample> {
+        let mut g = self.lock();
+        while g.queue.is_empty() && !g.closed {
+            g = match deadline {
+                None => self.ready.wait(g).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let Some(left) = d.checked_duration_since(Instant::now()) else {
+                        break;
+                    };
+                    self.ready
+                        .wait_timeout(g, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
+        }
+        g.queue.iter().take(max).cloned().collect()
+    }
+
+    /// Removes every sample up to and including `(run_id, seq)` of the last
+    /// sample of a delivered or refused batch. Samples of that batch that
+    /// overflow already dropped are simply no longer there.
+    pub fn remove_through(&self, last_seq: u64) -> usize {
+        let mut g = self.lock();
+        let n = g.queue.iter().take_while(|s| s.seq <= last_seq).count();
+        g.queue.drain(..n);
+        n
+    }
+
+    /// Wakes every waiter; later `peek_batch` calls return at once.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
+    }
+
+    /// Whether [`Buffer::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample(seq: u64) -> Sample {
+        let json = serde_json::json!({
+            "schema": 1, "agent_version": "t", "vm_id": null, "hostname": null,
+            "boot_id": null, "run_id": "r", "seq": seq, "timestamp_ms": 0,
+            "window_ms": 0, "guest_ip": null, "cpu_count": null,
+            "cpu_usage_percent": null, "cpu_iowait_percent": null,
+            "cpu_steal_percent": null, "procs_running": null, "procs_blocked": null,
+            "process_count": null, "load_average": null, "load_average_5": null,
+            "load_average_15": null, "memory_total_kb": null,
+            "memory_available_kb": null, "memory_used_kb": null,
+            "memory_usage_percent": null, "swap_total_kb": null, "swap_used_kb": null,
+            "uptime_seconds": null, "network_rx_bytes": null, "network_tx_bytes": null,
+            "disk_read_bytes": null, "disk_write_bytes": null,
+            "filesystem_total_kb": null, "filesystem_used_kb": null,
+            "pressure_cpu_some_avg10": null, "pressure_memory_some_avg10": null,
+            "pressure_io_some_avg10": null, "dropped_samples": 0
+        });
+        Sample::from_json_strict(&json).unwrap()
+    }
+
+    fn seqs(v: &[Sample]) -> Vec<u64> {
+        v.iter().map(|s| s.seq).collect()
+    }
+
+    #[test]
+    fn overflow_drops_oldest_and_counts_in_later_samples() {
+        let b = Buffer::new(3);
+        for i in 1..=5 {
+            b.push(sample(i));
+        }
+        let all = b.peek_batch(10, None);
+        assert_eq!(seqs(&all), vec![3, 4, 5]);
+        assert_eq!(b.dropped(), 2);
+        assert_eq!(
+            all.iter().map(|s| s.dropped_samples).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+    }
+
+    #[test]
+    fn peek_does_not_remove_and_remove_through_tolerates_overflow() {
+        let b = Buffer::new(3);
+        for i in 1..=3 {
+            b.push(sample(i));
+        }
+        let batch = b.peek_batch(2, None);
+        assert_eq!(seqs(&batch), vec![1, 2]);
+        assert_eq!(b.len(), 3);
+        // While the batch is in flight, overflow drops seq 1.
+        b.push(sample(4));
+        assert_eq!(b.remove_through(2), 1);
+        assert_eq!(seqs(&b.peek_batch(10, None)), vec![3, 4]);
+    }
+
+    #[test]
+    fn peek_waits_until_deadline_or_close() {
+        let b = std::sync::Arc::new(Buffer::new(2));
+        let soon = Instant::now() + std::time::Duration::from_millis(20);
+        assert!(b.peek_batch(1, Some(soon)).is_empty());
+        let b2 = b.clone();
+        let t = std::thread::spawn(move || b2.peek_batch(1, None));
+        b.close();
+        assert!(t.join().unwrap().is_empty());
+    }
+}

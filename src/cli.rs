@@ -1,0 +1,89 @@
+//! The binary's entry point as a library function, so tests and examples can
+//! run the whole agent in-process: parse, resolve, act, map to an exit code.
+
+use std::time::Duration;
+
+use crate::config::{self, Config, cli::Action};
+use crate::error::{Error, Result};
+use crate::route;
+use crate::{Collector, Sample};
+
+/// How long `--once` measures the CPU window: long enough for tens of ticks
+/// per CPU at 100 Hz, short enough for an interactive command.
+pub const ONCE_WINDOW: Duration = Duration::from_millis(500);
+
+/// Runs the agent with `args` (without the program name) and `env`; returns
+/// the process exit code. Usage errors are printed here and give 2.
+pub fn main_with(args: &[String], env: &[(String, String)]) -> i32 {
+    match run(args, env) {
+        Ok(code) => code,
+        Err(e @ Error::Usage(_)) => {
+            eprintln!("guest-agent: {e}");
+            2
+        }
+        Err(e) => {
+            eprintln!("guest-agent: {e}");
+            1
+        }
+    }
+}
+
+fn run(args: &[String], env: &[(String, String)]) -> Result<i32> {
+    let args = config::cli::parse(args)?;
+    match args.action {
+        Action::Help => {
+            print!("{}", config::cli::help());
+            return Ok(0);
+        }
+        Action::Version => {
+            println!("guest-agent {}", crate::AGENT_VERSION);
+            return Ok(0);
+        }
+        _ => {}
+    }
+    let config = config::resolve(&args.values, env, args.config.as_deref())?;
+    crate::logging::init(config.log);
+    for w in &config.warnings {
+        log::warn!("{w}");
+    }
+    for e in &config.errors {
+        log::error!("{e}; using the next source's value");
+    }
+    match args.action {
+        Action::PrintConfig => {
+            let text = serde_json::to_string_pretty(&config.to_json())
+                .map_err(|e| Error::Usage(e.to_string()))?;
+            println!("{text}");
+            Ok(0)
+        }
+        Action::Once => {
+            let sample = once(&config)?;
+            let text =
+                serde_json::to_string_pretty(&sample).map_err(|e| Error::Usage(e.to_string()))?;
+            println!("{text}");
+            Ok(0)
+        }
+        _ => crate::agent::run(config).map(|()| 0),
+    }
+}
+
+/// One sample over a [`ONCE_WINDOW`] window, with no network traffic: the
+/// guest address is asked of the routing table only for an address-literal
+/// URL (a connected UDP socket sends nothing).
+pub fn once(config: &Config) -> Result<Sample> {
+    let mut collector = Collector::new(&config.proc_root, config.vm_id.clone())?;
+    collector.collect();
+    std::thread::sleep(ONCE_WINDOW);
+    let mut sample = collector.collect();
+    sample.seq = 1;
+    sample.guest_ip = guest_ip(config);
+    Ok(sample)
+}
+
+/// The guest's source address toward the resolved push URL, when its host
+/// is an address.
+pub fn guest_ip(config: &Config) -> Option<String> {
+    let url = config.resolved_url()?;
+    let target = route::literal_target(&url)?;
+    route::source_address(target).ok().map(|ip| ip.to_string())
+}

@@ -1,0 +1,93 @@
+//! `diskstats`: bytes read and written by whole disks.
+//!
+//! Partitions would count their disk's I/O twice, and loop, ram, zram,
+//! device-mapper and md devices are layered on disks already counted (or on
+//! memory), so only whole physical or virtual disks are summed. The rule is by
+//! name, as node_exporter's, so that it works on any proc root.
+
+use procfs::{DiskStats, FromRead, ProcError};
+
+/// The kernel's diskstats sectors are always 512 bytes, whatever the device.
+const SECTOR_BYTES: u64 = 512;
+
+/// Cumulative (read, written) bytes summed over whole disks.
+pub fn parse(text: &[u8]) -> Result<(u64, u64), ProcError> {
+    let disks = DiskStats::from_read(text)?;
+    Ok(disks
+        .0
+        .iter()
+        .filter(|d| is_whole_disk(&d.name))
+        .fold((0, 0), |(r, w), d| {
+            (
+                r + d.sectors_read * SECTOR_BYTES,
+                w + d.sectors_written * SECTOR_BYTES,
+            )
+        }))
+}
+
+/// True for a whole disk (`vda`, `sdb`, `nvme0n1`, `mmcblk0`, `xvda`), false
+/// for partitions (`vda1`, `nvme0n1p2`, `mmcblk0p1`) and virtual devices.
+pub fn is_whole_disk(name: &str) -> bool {
+    const VIRTUAL: [&str; 9] = ["loop", "ram", "zram", "dm-", "md", "sr", "fd", "nbd", "zd"];
+    if VIRTUAL.iter().any(|p| name.starts_with(p)) {
+        return false;
+    }
+    let ends_in_digit = name.ends_with(|c: char| c.is_ascii_digit());
+    if name.starts_with("nvme") || name.starts_with("mmcblk") {
+        // nvme0n1 / mmcblk0 are disks; nvme0n1p1 / mmcblk0p1 are partitions.
+        let stem = name.trim_end_matches(|c: char| c.is_ascii_digit());
+        return !stem.ends_with('p') || stem == "nvme" || stem.ends_with("nvme");
+    }
+    // sda, vda, xvda, hda: letters only; a trailing number is a partition.
+    !ends_in_digit
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "   7       0 loop0 100 0 800 0 0 0 0 0 0 0 0 0 0 0 0 0 0
+ 254       0 vda 1000 10 2000 500 300 20 4000 900 0 1200 1400 0 0 0 0 0 0
+ 254       1 vda1 900 10 1800 450 290 20 3900 880 0 1100 1330 0 0 0 0 0 0
+ 259       0 nvme0n1 10 0 100 0 10 0 50 0 0 0 0 0 0 0 0 0 0
+ 259       1 nvme0n1p1 10 0 100 0 10 0 50 0 0 0 0 0 0 0 0 0 0
+ 253       0 dm-0 10 0 100 0 10 0 50 0 0 0 0 0 0 0 0 0 0
+";
+
+    #[test]
+    fn sums_whole_disks_only() {
+        let (r, w) = parse(SAMPLE.as_bytes()).unwrap();
+        assert_eq!(r, (2000 + 100) * 512);
+        assert_eq!(w, (4000 + 50) * 512);
+    }
+
+    #[test]
+    fn whole_disk_names() {
+        for d in [
+            "vda", "vdb", "sda", "xvda", "hda", "nvme0n1", "nvme10n2", "mmcblk0",
+        ] {
+            assert!(is_whole_disk(d), "{d}");
+        }
+        for p in [
+            "vda1",
+            "sda12",
+            "xvda1",
+            "nvme0n1p1",
+            "mmcblk0p2",
+            "loop0",
+            "ram1",
+            "zram0",
+            "dm-3",
+            "md127",
+            "sr0",
+        ] {
+            assert!(!is_whole_disk(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn malformed_line_is_an_error() {
+        let bad = SAMPLE.replace("vda 1000", "vda 1z00");
+        assert!(parse(bad.as_bytes()).is_err());
+    }
+}

@@ -1,0 +1,101 @@
+//! `meminfo`: memory and swap, in KiB.
+
+use procfs::{FromRead, Meminfo, ProcError};
+
+/// Memory figures of one read of `meminfo`, in KiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemReading {
+    /// MemTotal.
+    pub total_kb: u64,
+    /// MemAvailable, or MemFree + Buffers + Cached + SReclaimable on kernels
+    /// before 3.14 that lack it.
+    pub available_kb: u64,
+    /// SwapTotal.
+    pub swap_total_kb: u64,
+    /// SwapTotal − SwapFree.
+    pub swap_used_kb: u64,
+}
+
+impl MemReading {
+    /// total − available, as `free` computes "used".
+    pub fn used_kb(&self) -> u64 {
+        self.total_kb.saturating_sub(self.available_kb)
+    }
+
+    /// used / total × 100; 0 when total is 0.
+    pub fn usage_percent(&self) -> f64 {
+        if self.total_kb == 0 {
+            0.0
+        } else {
+            self.used_kb() as f64 * 100.0 / self.total_kb as f64
+        }
+    }
+}
+
+/// Parses the text of `meminfo`.
+pub fn parse(text: &[u8]) -> Result<MemReading, ProcError> {
+    let m = Meminfo::from_read(text)?;
+    let available = m
+        .mem_available
+        .unwrap_or_else(|| m.mem_free + m.buffers + m.cached + m.s_reclaimable.unwrap_or(0));
+    Ok(MemReading {
+        total_kb: m.mem_total / 1024,
+        available_kb: available.min(m.mem_total) / 1024,
+        swap_total_kb: m.swap_total / 1024,
+        swap_used_kb: m.swap_total.saturating_sub(m.swap_free) / 1024,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real `meminfo` (captured on the development machine) with the
+    /// figures under test set to round numbers.
+    fn meminfo(set: &[(&str, u64)], drop: &[&str]) -> String {
+        include_str!("../../tests/fixtures/host/meminfo")
+            .lines()
+            .filter(|l| !drop.iter().any(|d| l.starts_with(&format!("{d}:"))))
+            .map(|l| {
+                let key = l.split(':').next().unwrap_or("");
+                match set.iter().find(|(k, _)| *k == key) {
+                    Some((k, v)) => format!("{k}: {v} kB\n"),
+                    None => format!("{l}\n"),
+                }
+            })
+            .collect()
+    }
+
+    const FIGURES: &[(&str, u64)] = &[
+        ("MemTotal", 8_000_000),
+        ("MemFree", 1_000_000),
+        ("MemAvailable", 6_000_000),
+        ("Buffers", 200_000),
+        ("Cached", 3_000_000),
+        ("SReclaimable", 300_000),
+        ("SwapTotal", 2_000_000),
+        ("SwapFree", 1_500_000),
+    ];
+
+    #[test]
+    fn uses_mem_available() {
+        let m = parse(meminfo(FIGURES, &[]).as_bytes()).unwrap();
+        assert_eq!(m.total_kb, 8_000_000);
+        assert_eq!(m.available_kb, 6_000_000);
+        assert_eq!(m.used_kb(), 2_000_000);
+        assert_eq!(m.usage_percent(), 25.0);
+        assert_eq!(m.swap_total_kb, 2_000_000);
+        assert_eq!(m.swap_used_kb, 500_000);
+    }
+
+    #[test]
+    fn falls_back_without_mem_available() {
+        let m = parse(meminfo(FIGURES, &["MemAvailable"]).as_bytes()).unwrap();
+        assert_eq!(m.available_kb, 1_000_000 + 200_000 + 3_000_000 + 300_000);
+    }
+
+    #[test]
+    fn missing_mem_total_is_an_error() {
+        assert!(parse(meminfo(FIGURES, &["MemTotal"]).as_bytes()).is_err());
+    }
+}

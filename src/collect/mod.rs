@@ -1,0 +1,234 @@
+//! Collection: one module per /proc source, and the [`Collector`] that reads
+//! them all into one [`Sample`].
+//!
+//! Every source module is a pure function from the file's bytes to a typed
+//! reading, built on procfs's parsers. The collector keeps each file open
+//! ([`ProcFile`]) and remembers the previous CPU reading for the window. A
+//! source that fails is logged once (and again when it recovers), its figures
+//! are null in that sample, and the others still go out.
+
+pub mod diskstats;
+pub mod filesystem;
+pub mod identity;
+pub mod loadavg;
+pub mod meminfo;
+pub mod net_dev;
+pub mod pressure;
+pub mod proc_file;
+pub mod processes;
+pub mod stat;
+pub mod uptime;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crate::cpu::{self, CpuPercent, CpuSnapshot};
+use crate::error::{Error, Result};
+use crate::sample::{SCHEMA, Sample};
+pub use proc_file::ProcFile;
+
+/// The agent's version, as carried in every sample.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Rounds to two decimals, the precision the kernel prints load and PSI with
+/// (procfs hands them over as `f32`, whose widening shows noise digits).
+pub(crate) fn round2(x: f32) -> f64 {
+    (x as f64 * 100.0).round() / 100.0
+}
+
+/// Reads every source under one proc root into samples.
+#[derive(Debug)]
+pub struct Collector {
+    root: PathBuf,
+    fs_root: PathBuf,
+    stat: ProcFile,
+    meminfo: ProcFile,
+    loadavg: ProcFile,
+    uptime: ProcFile,
+    net_dev: ProcFile,
+    diskstats: ProcFile,
+    psi: [ProcFile; 3],
+    hostname: ProcFile,
+    boot_id: Option<String>,
+    run_id: String,
+    vm_id: Option<String>,
+    prev_cpu: Option<(Instant, CpuSnapshot)>,
+    last_pct: CpuPercent,
+    failing: BTreeMap<&'static str, String>,
+}
+
+impl Collector {
+    /// A collector over `proc_root`. Reads the boot id and a fresh run id
+    /// (`sys/kernel/random/uuid`) once; fails only if the run id cannot be
+    /// had, since (`run_id`, `seq`) must be unique.
+    pub fn new(proc_root: &Path, vm_id: Option<String>) -> Result<Collector> {
+        let run_id =
+            ProcFile::new(proc_root, "sys/kernel/random/uuid").parse(identity::parse_line)?;
+        let boot_id = ProcFile::new(proc_root, "sys/kernel/random/boot_id")
+            .parse(identity::parse_line)
+            .map_err(|e| log::warn!("boot_id unavailable: {e}"))
+            .ok();
+        Ok(Collector {
+            root: proc_root.to_path_buf(),
+            fs_root: PathBuf::from("/"),
+            stat: ProcFile::new(proc_root, "stat"),
+            meminfo: ProcFile::new(proc_root, "meminfo"),
+            loadavg: ProcFile::new(proc_root, "loadavg"),
+            uptime: ProcFile::new(proc_root, "uptime"),
+            net_dev: ProcFile::new(proc_root, "net/dev"),
+            diskstats: ProcFile::new(proc_root, "diskstats"),
+            psi: [
+                ProcFile::new(proc_root, "pressure/cpu"),
+                ProcFile::new(proc_root, "pressure/memory"),
+                ProcFile::new(proc_root, "pressure/io"),
+            ],
+            hostname: ProcFile::new(proc_root, "sys/kernel/hostname"),
+            boot_id,
+            run_id,
+            vm_id,
+            prev_cpu: None,
+            last_pct: CpuPercent::default(),
+            failing: BTreeMap::new(),
+        })
+    }
+
+    /// The run id every sample of this collector carries.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    /// The proc root this collector reads.
+    pub fn proc_root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Sources failing at the last collection, with their errors.
+    pub fn failures(&self) -> &BTreeMap<&'static str, String> {
+        &self.failing
+    }
+
+    /// Reads every source once. `seq`, `guest_ip` and `dropped_samples` are
+    /// left for the caller (0, null, 0), who owns the numbering and the buffer.
+    pub fn collect(&mut self) -> Sample {
+        let timestamp_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+
+        let now = Instant::now();
+        let stat = self.stat.parse(stat::parse);
+        let stat = self.note("stat", stat);
+        let (mut window_ms, mut pct) = (0, None);
+        if let Some(s) = &stat {
+            if let Some((then, prev)) = &self.prev_cpu {
+                window_ms = now.duration_since(*then).as_millis() as u64;
+                self.last_pct = cpu::percentages(prev, &s.cpus, self.last_pct);
+            }
+            pct = Some(self.last_pct);
+            self.prev_cpu = Some((now, s.cpus.clone()));
+        }
+
+        let mem = self.meminfo.parse(meminfo::parse);
+        let mem = self.note("meminfo", mem);
+        let load = self.loadavg.parse(loadavg::parse);
+        let load = self.note("loadavg", load);
+        let uptime = self.uptime.parse(uptime::parse);
+        let uptime = self.note("uptime", uptime);
+        let net = self.net_dev.parse(net_dev::parse);
+        let net = self.note("net/dev", net);
+        let disk = optional(self.diskstats.parse(diskstats::parse));
+        let disk = self.note("diskstats", disk).flatten();
+        let mut psi = [None; 3];
+        for (i, name) in ["pressure/cpu", "pressure/memory", "pressure/io"]
+            .into_iter()
+            .enumerate()
+        {
+            let r = optional(self.psi[i].parse(pressure::parse_some_avg10));
+            psi[i] = self.note(name, r).flatten();
+        }
+        let hostname = self.hostname.parse(identity::parse_line);
+        let hostname = self.note("hostname", hostname);
+        let procs = processes::count(&self.root).map_err(|source| Error::Read {
+            path: self.root.clone(),
+            source,
+        });
+        let procs = self.note("processes", procs);
+        let fs = filesystem::usage(&self.fs_root).map_err(|source| Error::Read {
+            path: self.fs_root.clone(),
+            source,
+        });
+        let fs = self.note("filesystem", fs);
+
+        Sample {
+            schema: SCHEMA,
+            agent_version: AGENT_VERSION.to_string(),
+            vm_id: self.vm_id.clone(),
+            hostname,
+            boot_id: self.boot_id.clone(),
+            run_id: self.run_id.clone(),
+            seq: 0,
+            timestamp_ms,
+            window_ms,
+            guest_ip: None,
+            cpu_count: stat.as_ref().map(|s| s.cpus.cpus.len() as u32),
+            cpu_usage_percent: pct.map(|p| p.usage),
+            cpu_iowait_percent: pct.map(|p| p.iowait),
+            cpu_steal_percent: pct.map(|p| p.steal),
+            procs_running: stat.as_ref().and_then(|s| s.procs_running),
+            procs_blocked: stat.as_ref().and_then(|s| s.procs_blocked),
+            process_count: procs,
+            load_average: load.map(|l| l[0]),
+            load_average_5: load.map(|l| l[1]),
+            load_average_15: load.map(|l| l[2]),
+            memory_total_kb: mem.map(|m| m.total_kb),
+            memory_available_kb: mem.map(|m| m.available_kb),
+            memory_used_kb: mem.map(|m| m.used_kb()),
+            memory_usage_percent: mem.map(|m| m.usage_percent()),
+            swap_total_kb: mem.map(|m| m.swap_total_kb),
+            swap_used_kb: mem.map(|m| m.swap_used_kb),
+            uptime_seconds: uptime,
+            network_rx_bytes: net.map(|n| n.0),
+            network_tx_bytes: net.map(|n| n.1),
+            disk_read_bytes: disk.map(|d| d.0),
+            disk_write_bytes: disk.map(|d| d.1),
+            filesystem_total_kb: fs.map(|f| f.0),
+            filesystem_used_kb: fs.map(|f| f.1),
+            pressure_cpu_some_avg10: psi[0],
+            pressure_memory_some_avg10: psi[1],
+            pressure_io_some_avg10: psi[2],
+            dropped_samples: 0,
+        }
+    }
+
+    /// Keeps a source's value, or records its failure: logged when it starts
+    /// or changes, and once more when the source recovers, never every sample.
+    fn note<T>(&mut self, source: &'static str, r: Result<T>) -> Option<T> {
+        match r {
+            Ok(v) => {
+                if self.failing.remove(source).is_some() {
+                    log::info!("{source}: reading again");
+                }
+                Some(v)
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if self.failing.get(source) != Some(&msg) {
+                    log::warn!("{source}: {msg}; its figures are null until it recovers");
+                    self.failing.insert(source, msg);
+                }
+                None
+            }
+        }
+    }
+}
+
+/// An absent file is not a failure for an optional source: its figures are
+/// null because this kernel does not have it.
+fn optional<T>(r: Result<T>) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,333 @@
+//! Configuration (GUIDE §4): each source is collected as written, then the
+//! sources are merged by precedence (CLI > environment > kernel cmdline >
+//! file > default) and validated once into a typed [`Config`].
+//!
+//! A bad value on the CLI is a usage error (exit 2). A bad value from any
+//! other source is recorded in [`Config::errors`] (logged, and shown in
+//! `/health`) and the next source's value is used: a typo in boot args must
+//! not kill monitoring.
+
+pub mod cli;
+pub mod cmdline;
+pub mod file;
+pub mod settings;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::route::UrlTemplate;
+use settings::{SETTINGS, Setting};
+
+/// Where a setting's value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Source {
+    /// A command-line flag.
+    Cli,
+    /// A `GUEST_AGENT_*` environment variable.
+    Env,
+    /// A `guest_agent.*` kernel parameter.
+    Cmdline,
+    /// The configuration file.
+    File,
+    /// The built-in default.
+    Default,
+}
+
+impl Source {
+    /// The name shown by `--print-config` and in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Cli => "cli",
+            Source::Env => "env",
+            Source::Cmdline => "cmdline",
+            Source::File => "file",
+            Source::Default => "default",
+        }
+    }
+}
+
+/// The body format of pushes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// A JSON array of samples (GUIDE §3).
+    Json,
+    /// Influx line protocol, measurement `guest`.
+    Influx,
+}
+
+/// A value that must never be printed: `Debug` shows only whether it is set.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(set)")
+    }
+}
+
+/// The value a setting ended with and where it came from.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// The setting.
+    pub setting: &'static Setting,
+    /// The value as written in its source; `None` when unset (no default).
+    pub value: Option<String>,
+    /// Its source.
+    pub source: Source,
+}
+
+/// The validated settings of one agent process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Push target; `None` when pushing is off.
+    pub url: Option<UrlTemplate>,
+    /// Time between samples.
+    pub interval: Duration,
+    /// Listener address; `None` when the listener is off.
+    pub listen: Option<SocketAddr>,
+    /// This VM's id.
+    pub vm_id: Option<String>,
+    /// Deadline of one whole push request.
+    pub timeout: Duration,
+    /// Samples kept while pushes fail.
+    pub buffer: usize,
+    /// Most samples per POST.
+    pub batch: usize,
+    /// Log level.
+    pub log: log::LevelFilter,
+    /// Where /proc is.
+    pub proc_root: PathBuf,
+    /// Push body format.
+    pub format: Format,
+    /// Bearer token for pushes.
+    pub token: Option<Secret>,
+    /// Every setting's final value and source, in table order.
+    pub origins: Vec<Origin>,
+    /// Bad values from the environment, cmdline or file (each was skipped).
+    pub errors: Vec<String>,
+    /// Things worth knowing but harmless (unknown keys).
+    pub warnings: Vec<String>,
+}
+
+/// One value offered for a setting by one source.
+struct Offer {
+    source: Source,
+    key: String,
+    value: String,
+}
+
+/// Resolves the configuration from CLI values, an environment, and the
+/// files they point at (cmdline under the proc root, the config file).
+///
+/// `cli` holds `(setting name, value)` pairs already split from the flags.
+/// Returns a usage error only for bad CLI values.
+pub fn resolve(
+    cli: &[(&'static str, String)],
+    env: &[(String, String)],
+    config_path: Option<&Path>,
+) -> Result<Config> {
+    let mut offers: Vec<(&'static str, Offer)> = Vec::new();
+    let mut errors = Vec::new();
+    let mut warnings = Vec::new();
+
+    for (name, value) in cli {
+        let flag = settings::setting(name).map_or_else(|| name.to_string(), |s| s.flag());
+        offers.push((name, offer(Source::Cli, flag, value)));
+    }
+    for s in SETTINGS {
+        let key = s.env();
+        if let Some((_, v)) = env.iter().rev().find(|(k, _)| *k == key) {
+            offers.push((s.name, offer(Source::Env, key, v)));
+        }
+    }
+
+    // The cmdline lives under the proc root, which only the CLI, the
+    // environment or the default can set.
+    let proc_root = settings::setting("proc_root")
+        .and_then(|s| first_valid(s, &offers).0)
+        .map_or_else(|| PathBuf::from("/proc"), |(v, _)| PathBuf::from(v));
+    let cmdline_path = proc_root.join("cmdline");
+    match std::fs::read(&cmdline_path) {
+        Ok(bytes) => {
+            for p in cmdline::params(&String::from_utf8_lossy(&bytes)) {
+                match (settings::setting(&p.name), p.value) {
+                    (Some(s), Some(v)) if s.on_cmdline => {
+                        offers.push((s.name, offer(Source::Cmdline, p.written, &v)))
+                    }
+                    (Some(s), None) if s.on_cmdline => errors.push(format!(
+                        "cmdline: {} has no value; expected {}={}",
+                        p.written, p.written, s.value_name
+                    )),
+                    _ => warnings.push(format!("cmdline: unknown parameter {} ignored", p.written)),
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => errors.push(format!("cannot read {}: {e}", cmdline_path.display())),
+    }
+
+    let path = config_path.unwrap_or(Path::new(file::DEFAULT_PATH));
+    match file::read(path) {
+        Ok(f) => {
+            for (key, name, value) in f.entries {
+                offers.push((name, offer(Source::File, key, &value)));
+            }
+            errors.extend(f.errors);
+            warnings.extend(f.warnings);
+        }
+        Err(e) => errors.push(e),
+    }
+
+    let mut origins = Vec::new();
+    for s in SETTINGS {
+        let (chosen, rejected) = first_valid(s, &offers);
+        for (src, msg) in rejected {
+            if src == Source::Cli {
+                return Err(Error::Usage(msg));
+            }
+            errors.push(msg);
+        }
+        let (value, source) = match chosen {
+            Some((v, src)) => (Some(v), src),
+            None => (s.default.map(str::to_string), Source::Default),
+        };
+        origins.push(Origin {
+            setting: s,
+            value,
+            source,
+        });
+    }
+    build(origins, errors, warnings)
+}
+
+fn offer(source: Source, key: String, value: &str) -> Offer {
+    Offer {
+        source,
+        key,
+        value: value.to_string(),
+    }
+}
+
+/// A chosen `(value, source)`, if any, and the `(source, message)` of every
+/// offer rejected on the way.
+type Choice = (Option<(String, Source)>, Vec<(Source, String)>);
+
+/// The highest-precedence offer for `s` that passes its check (within one
+/// source the last offer wins, as on a kernel cmdline), and a message for
+/// every rejected offer above it.
+fn first_valid(s: &'static Setting, offers: &[(&'static str, Offer)]) -> Choice {
+    let mut rejected = Vec::new();
+    for src in [Source::Cli, Source::Env, Source::Cmdline, Source::File] {
+        let Some((_, o)) = offers
+            .iter()
+            .rev()
+            .find(|(n, o)| *n == s.name && o.source == src)
+        else {
+            continue;
+        };
+        match (s.check)(&o.value) {
+            Ok(()) => return (Some((o.value.clone(), src)), rejected),
+            Err(expected) => {
+                let shown = if s.secret {
+                    "<hidden>"
+                } else {
+                    o.value.as_str()
+                };
+                rejected.push((
+                    src,
+                    format!(
+                        "{}: invalid {} value {shown:?}: expected {expected}",
+                        src.as_str(),
+                        o.key
+                    ),
+                ));
+            }
+        }
+    }
+    (None, rejected)
+}
+
+/// Turns checked values into typed ones. The checks already passed, so a
+/// failure here is a bug in the table; it is still reported, not panicked.
+fn build(origins: Vec<Origin>, errors: Vec<String>, warnings: Vec<String>) -> Result<Config> {
+    let get = |name: &str| -> Option<&str> {
+        origins
+            .iter()
+            .find(|o| o.setting.name == name)
+            .and_then(|o| o.value.as_deref())
+    };
+    let internal = |name: &str, e: String| Error::Usage(format!("setting {name}: {e}"));
+    let dur = |name: &str, min, max| {
+        settings::parse_duration(get(name).unwrap_or(""), min, max).map_err(|e| internal(name, e))
+    };
+    let count = |name: &str, max| {
+        settings::parse_count(get(name).unwrap_or(""), max).map_err(|e| internal(name, e))
+    };
+    let url = match get("url") {
+        None | Some("off") => None,
+        Some(u) => Some(UrlTemplate::parse(u).map_err(|e| internal("url", e))?),
+    };
+    Ok(Config {
+        url,
+        interval: dur("interval", settings::MIN_INTERVAL, settings::MAX_INTERVAL)?,
+        listen: settings::parse_listen(get("listen").unwrap_or("off"))
+            .map_err(|e| internal("listen", e))?,
+        vm_id: get("vm_id").map(str::to_string),
+        timeout: dur("timeout", settings::MIN_TIMEOUT, settings::MAX_TIMEOUT)?,
+        buffer: count("buffer", settings::MAX_BUFFER)?,
+        batch: count("batch", settings::MAX_BATCH)?,
+        log: settings::parse_log(get("log").unwrap_or("info")).map_err(|e| internal("log", e))?,
+        proc_root: PathBuf::from(get("proc_root").unwrap_or("/proc")),
+        format: if get("format") == Some("influx") {
+            Format::Influx
+        } else {
+            Format::Json
+        },
+        token: get("token").map(|t| Secret(t.to_string())),
+        origins: origins.clone(),
+        errors,
+        warnings,
+    })
+}
+
+impl Config {
+    /// The `--print-config` object: `{"interval": {"value": "5s", "source":
+    /// "cmdline"}, …}`; `url` also has `resolved` (null without a default
+    /// route); the token shows only `set` or `unset`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut map = serde_json::Map::new();
+        for o in &self.origins {
+            let value = match (&o.value, o.setting.secret) {
+                (Some(_), true) => serde_json::Value::from("set"),
+                (None, true) => serde_json::Value::from("unset"),
+                (v, false) => serde_json::to_value(v).unwrap_or_default(),
+            };
+            let mut entry = serde_json::Map::new();
+            entry.insert("value".into(), value);
+            entry.insert("source".into(), o.source.as_str().into());
+            if o.setting.name == "url" {
+                entry.insert("resolved".into(), self.resolved_url().into());
+            }
+            map.insert(o.setting.name.into(), entry.into());
+        }
+        map.into()
+    }
+
+    /// The push URL with `{gateway}` filled in from the proc root's route
+    /// table; `None` when pushing is off or no default route exists.
+    pub fn resolved_url(&self) -> Option<String> {
+        let url = self.url.as_ref()?;
+        let gateway = if url.needs_gateway() {
+            crate::route::default_gateway(&self.proc_root)
+                .map_err(|e| log::warn!("{e}"))
+                .ok()
+                .flatten()
+        } else {
+            None
+        };
+        url.resolve(gateway)
+    }
+}

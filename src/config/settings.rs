@@ -1,0 +1,323 @@
+//! The settings table: one row per setting drives the CLI flag, the
+//! environment name, the kernel cmdline key, the default, `--help` and
+//! `--print-config` (GUIDE §4). Adding a setting is one row here and one
+//! field in [`super::Config`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// One setting, as every source names it.
+#[derive(Debug)]
+pub struct Setting {
+    /// Canonical name: the key in `--print-config` and after `guest_agent.`.
+    pub name: &'static str,
+    /// Placeholder shown in `--help`.
+    pub value_name: &'static str,
+    /// The default, as a user would type it; `None` for no default.
+    pub default: Option<&'static str>,
+    /// Whether the kernel cmdline may set it (not `proc_root`: the cmdline is read from it).
+    pub on_cmdline: bool,
+    /// Whether the value is a secret: never printed, logged or shown in `/health`.
+    pub secret: bool,
+    /// One line for `--help`.
+    pub help: &'static str,
+    /// Checks a value, saying what is accepted when it is not.
+    pub check: fn(&str) -> Result<(), String>,
+}
+
+impl Setting {
+    /// The CLI flag, `--vm-id` for `vm_id`.
+    pub fn flag(&self) -> String {
+        format!("--{}", self.name.replace('_', "-"))
+    }
+
+    /// The environment variable, `GUEST_AGENT_VM_ID` for `vm_id`.
+    pub fn env(&self) -> String {
+        format!("GUEST_AGENT_{}", self.name.to_ascii_uppercase())
+    }
+}
+
+/// Shortest interval accepted: below it the agent would cost the guest more
+/// than it is worth.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest interval accepted.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+/// Shortest request timeout accepted.
+pub const MIN_TIMEOUT: Duration = Duration::from_millis(100);
+/// Longest request timeout accepted.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(300);
+/// Largest buffer accepted, in samples (about 1.5 KB each).
+pub const MAX_BUFFER: usize = 1_000_000;
+/// Largest batch accepted, in samples per POST.
+pub const MAX_BATCH: usize = 10_000;
+/// Longest VM id accepted, in bytes.
+pub const MAX_VM_ID: usize = 256;
+
+/// Every setting, in the order of GUIDE §4.
+pub const SETTINGS: &[Setting] = &[
+    Setting {
+        name: "url",
+        value_name: "URL|off",
+        default: Some("http://{gateway}:18080/v1/guest-metrics"),
+        on_cmdline: true,
+        secret: false,
+        help: "where samples are POSTed; {gateway} is the default gateway; off disables pushing",
+        check: check_url,
+    },
+    Setting {
+        name: "interval",
+        value_name: "DURATION",
+        default: Some("5s"),
+        on_cmdline: true,
+        secret: false,
+        help: "time between samples (500ms, 5s, 1m)",
+        check: check_interval,
+    },
+    Setting {
+        name: "listen",
+        value_name: "ADDR:PORT|off",
+        default: Some("127.0.0.1:8080"),
+        on_cmdline: true,
+        secret: false,
+        help: "address of the /health and /metrics listener; off disables it",
+        check: check_listen,
+    },
+    Setting {
+        name: "vm_id",
+        value_name: "ID",
+        default: None,
+        on_cmdline: true,
+        secret: false,
+        help: "this VM's id, carried in every sample",
+        check: check_vm_id,
+    },
+    Setting {
+        name: "timeout",
+        value_name: "DURATION",
+        default: Some("2s"),
+        on_cmdline: true,
+        secret: false,
+        help: "deadline of a whole push request",
+        check: check_timeout,
+    },
+    Setting {
+        name: "buffer",
+        value_name: "N",
+        default: Some("1000"),
+        on_cmdline: true,
+        secret: false,
+        help: "samples kept while the manager is unreachable; the oldest go first",
+        check: check_buffer,
+    },
+    Setting {
+        name: "batch",
+        value_name: "N",
+        default: Some("100"),
+        on_cmdline: true,
+        secret: false,
+        help: "most samples per POST",
+        check: check_batch,
+    },
+    Setting {
+        name: "log",
+        value_name: "LEVEL",
+        default: Some("info"),
+        on_cmdline: true,
+        secret: false,
+        help: "log level on stderr: error, warn, info, debug, trace or off",
+        check: check_log,
+    },
+    Setting {
+        name: "proc_root",
+        value_name: "DIR",
+        default: Some("/proc"),
+        on_cmdline: false,
+        secret: false,
+        help: "where /proc is mounted (tests point it at fixtures)",
+        check: check_proc_root,
+    },
+    Setting {
+        name: "format",
+        value_name: "json|influx",
+        default: Some("json"),
+        on_cmdline: true,
+        secret: false,
+        help: "body of each POST: a JSON array, or Influx line protocol",
+        check: check_format,
+    },
+    Setting {
+        name: "token",
+        value_name: "TOKEN",
+        default: None,
+        on_cmdline: true,
+        secret: true,
+        help: "sent as Authorization: Bearer; never printed",
+        check: check_token,
+    },
+];
+
+/// The row of `name`.
+pub fn setting(name: &str) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| s.name == name)
+}
+
+/// Parses a duration with humantime, within `[min, max]`.
+pub fn parse_duration(v: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let d = humantime::parse_duration(v.trim())
+        .map_err(|e| format!("a duration such as 500ms, 5s or 1m ({e})"))?;
+    if d < min || d > max {
+        return Err(format!(
+            "a duration from {} to {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(d)
+}
+
+/// Parses a whole number within `[1, max]`.
+pub fn parse_count(v: &str, max: usize) -> Result<usize, String> {
+    match v.trim().parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("a whole number from 1 to {max}")),
+    }
+}
+
+/// Parses `off` or a socket address.
+pub fn parse_listen(v: &str) -> Result<Option<SocketAddr>, String> {
+    if v == "off" {
+        return Ok(None);
+    }
+    v.parse()
+        .map(Some)
+        .map_err(|_| "an address such as 127.0.0.1:8080 or [::1]:8080, or off".into())
+}
+
+/// Parses a log level name.
+pub fn parse_log(v: &str) -> Result<log::LevelFilter, String> {
+    v.parse()
+        .map_err(|_| "one of error, warn, info, debug, trace, off".into())
+}
+
+fn check_url(v: &str) -> Result<(), String> {
+    if v == "off" {
+        return Ok(());
+    }
+    crate::route::UrlTemplate::parse(v).map(|_| ())
+}
+
+fn check_interval(v: &str) -> Result<(), String> {
+    parse_duration(v, MIN_INTERVAL, MAX_INTERVAL).map(|_| ())
+}
+
+fn check_timeout(v: &str) -> Result<(), String> {
+    parse_duration(v, MIN_TIMEOUT, MAX_TIMEOUT).map(|_| ())
+}
+
+fn check_listen(v: &str) -> Result<(), String> {
+    parse_listen(v).map(|_| ())
+}
+
+fn check_vm_id(v: &str) -> Result<(), String> {
+    if v.is_empty() || v.len() > MAX_VM_ID || v.chars().any(char::is_control) {
+        return Err(format!("1 to {MAX_VM_ID} bytes without control characters"));
+    }
+    Ok(())
+}
+
+fn check_buffer(v: &str) -> Result<(), String> {
+    parse_count(v, MAX_BUFFER).map(|_| ())
+}
+
+fn check_batch(v: &str) -> Result<(), String> {
+    parse_count(v, MAX_BATCH).map(|_| ())
+}
+
+fn check_log(v: &str) -> Result<(), String> {
+    parse_log(v).map(|_| ())
+}
+
+fn check_proc_root(v: &str) -> Result<(), String> {
+    if v.is_empty() {
+        return Err("a directory path".into());
+    }
+    Ok(())
+}
+
+fn check_format(v: &str) -> Result<(), String> {
+    match v {
+        "json" | "influx" => Ok(()),
+        _ => Err("json or influx".into()),
+    }
+}
+
+fn check_token(v: &str) -> Result<(), String> {
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("printable ASCII without spaces".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_derive_from_one_row() {
+        let s = setting("vm_id").unwrap();
+        assert_eq!(s.flag(), "--vm-id");
+        assert_eq!(s.env(), "GUEST_AGENT_VM_ID");
+        assert_eq!(setting("proc_root").unwrap().flag(), "--proc-root");
+    }
+
+    #[test]
+    fn every_default_passes_its_own_check() {
+        for s in SETTINGS {
+            if let Some(d) = s.default {
+                assert_eq!((s.check)(d), Ok(()), "{}", s.name);
+            }
+        }
+    }
+
+    #[test]
+    fn values_accepted_and_refused() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("interval", "500ms", true),
+            ("interval", "1m", true),
+            ("interval", "5", false),
+            ("interval", "50ms", false),
+            ("interval", "2h", false),
+            ("timeout", "2s", true),
+            ("timeout", "0s", false),
+            ("buffer", "1", true),
+            ("buffer", "0", false),
+            ("buffer", "-3", false),
+            ("buffer", "1000001", false),
+            ("batch", "100", true),
+            ("batch", "0", false),
+            ("listen", "off", true),
+            ("listen", "[::1]:9", true),
+            ("listen", "localhost:8080", false),
+            ("log", "debug", true),
+            ("log", "loud", false),
+            ("format", "influx", true),
+            ("format", "xml", false),
+            ("vm_id", "vm-7", true),
+            ("vm_id", "", false),
+            ("vm_id", "a\nb", false),
+            ("token", "s3cr3t", true),
+            ("token", "has space", false),
+            ("url", "off", true),
+            ("url", "http://127.0.0.1:9/x", true),
+            ("url", "http://{gateway}:18080/v1/guest-metrics", true),
+            ("url", "https://example.invalid/", false),
+            ("url", "127.0.0.1:9", false),
+            ("url", "http://:9/x", false),
+            ("url", "http://h:99999/", false),
+        ];
+        for (name, value, ok) in cases {
+            let r = (setting(name).unwrap().check)(value);
+            assert_eq!(r.is_ok(), *ok, "{name}={value:?}: {r:?}");
+        }
+    }
+}
