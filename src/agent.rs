@@ -1,9 +1,166 @@
-//! The running agent: collection on a fixed cadence, delivery, listener.
+//! The running agent: collection on a fixed cadence on the monotonic clock,
+//! the sender and the listener on their own threads, and shutdown.
 
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::Collector;
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::push::Sender;
+use crate::status::Shared;
+use crate::stop::Stop;
 
-/// Runs until SIGTERM or SIGINT.
-pub fn run(_config: Config) -> Result<()> {
-    Err(crate::Error::Usage("the push loop is not built yet".into()))
+/// An agent running in this process.
+pub struct Running {
+    shared: Arc<Shared>,
+    stop: Arc<Stop>,
+    collector: Option<JoinHandle<()>>,
+    sender: Option<JoinHandle<()>>,
+}
+
+/// Starts collecting (first sample at once), pushing and listening.
+pub fn start(config: Config) -> Result<Running> {
+    let collector = Collector::new(&config.proc_root, config.vm_id.clone())?;
+    let shared = Shared::new(&config);
+    // Known before the first sample when the target is an address; a host
+    // name is looked up later by the sender.
+    shared.status().guest_ip = crate::cli::guest_ip(&config);
+    let stop = Arc::new(Stop::new());
+
+    let spawn_err = |what: &str, e: std::io::Error| Error::Network {
+        target: what.to_string(),
+        reason: format!("cannot start thread: {e}"),
+    };
+    let sender = match Sender::new(&config, shared.clone(), collector.run_id()) {
+        Some(sender) => {
+            let stop = stop.clone();
+            let t = std::thread::Builder::new()
+                .name("push".into())
+                .spawn(move || sender.run(&stop))
+                .map_err(|e| spawn_err("push", e))?;
+            Some(t)
+        }
+        None => None,
+    };
+    let interval = config.interval;
+    let (sh, st) = (shared.clone(), stop.clone());
+    let collector = std::thread::Builder::new()
+        .name("collect".into())
+        .spawn(move || collect_loop(collector, &sh, &st, interval))
+        .map_err(|e| spawn_err("collect", e))?;
+    log::info!(
+        "guest-agent {} started: every {}, {}",
+        crate::AGENT_VERSION,
+        humantime::format_duration(interval),
+        config
+            .url
+            .as_ref()
+            .map_or("pushing off".to_string(), |u| format!(
+                "pushing to {}",
+                u.as_str()
+            ))
+    );
+    Ok(Running {
+        shared,
+        stop,
+        collector: Some(collector),
+        sender,
+    })
+}
+
+impl Running {
+    /// The state shared with the listener.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The stop handle: triggering it ends collection.
+    pub fn stop_handle(&self) -> Arc<Stop> {
+        self.stop.clone()
+    }
+
+    /// Stops collecting, flushes the buffer for at most the timeout, stops
+    /// the listener, and waits for every thread.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.trigger();
+        if let Some(t) = self.collector.take() {
+            let _ = t.join();
+        }
+        self.shared.buffer.close();
+        if let Some(t) = self.sender.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Collects every `interval` from the first tick, on the monotonic clock, so
+/// samples do not drift. If the loop falls more than an interval behind (the
+/// VM was paused, or restored from a snapshot) it resumes from now instead of
+/// bursting out the missed samples.
+fn collect_loop(mut collector: Collector, shared: &Shared, stop: &Stop, interval: Duration) {
+    let mut next = Instant::now();
+    let mut seq = 0;
+    loop {
+        if stop.wait_until(next) {
+            return;
+        }
+        seq += 1;
+        let mut sample = collector.collect();
+        sample.seq = seq;
+        sample.guest_ip = shared.status().guest_ip.clone();
+        let sample = shared.buffer.push(sample);
+        let changed = collector.take_failures_changed();
+        let mut st = shared.status();
+        st.latest = Some(sample);
+        st.last_sample_at = Some(Instant::now());
+        if changed {
+            st.collector_errors = collector
+                .failures()
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect();
+        }
+        drop(st);
+
+        next += interval;
+        let now = Instant::now();
+        if now > next + interval {
+            let behind = (now - next).as_millis() / interval.as_millis().max(1);
+            log::warn!(
+                "collection fell {behind} intervals behind (VM paused or restored?); resuming from now"
+            );
+            next = now;
+        }
+    }
+}
+
+/// Runs until SIGTERM or SIGINT, then stops as [`Running::stop`] does.
+pub fn run(config: Config) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(|e| Error::Network {
+            target: "signals".into(),
+            reason: e.to_string(),
+        })?;
+    let running = start(config)?;
+    if let Some(sig) = signals.forever().next() {
+        log::info!(
+            "signal {sig}: stopping; flushing {} buffered samples",
+            running.shared().buffer.len()
+        );
+    }
+    running.stop();
+    Ok(())
 }

@@ -3,10 +3,12 @@
 //! When full, the oldest sample is dropped and counted; nothing else ever
 //! removes a sample except confirmed delivery or a refusal of its payload.
 //! The sender reads a batch without removing it, and removes it only once
-//! the manager has answered, so a failed request loses nothing.
+//! the manager has answered, so a failed request loses nothing. A sample
+//! evicted while it is in flight is counted as dropped only if that request
+//! fails: if it succeeds, the sample was delivered, not lost.
 
 use std::collections::VecDeque;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use crate::Sample;
@@ -21,9 +23,13 @@ pub struct Buffer {
 
 #[derive(Debug, Default)]
 struct Inner {
-    queue: VecDeque<Sample>,
+    queue: VecDeque<Arc<Sample>>,
     dropped: u64,
     closed: bool,
+    /// The last seq of the batch being sent, if one is in flight.
+    in_flight_through: Option<u64>,
+    /// Samples of the in-flight batch evicted by overflow.
+    evicted_in_flight: u64,
 }
 
 impl Buffer {
@@ -43,16 +49,23 @@ impl Buffer {
 
     /// Appends a sample, first dropping the oldest if the buffer is full. The
     /// sample's `dropped_samples` is set to the count including that drop.
-    pub fn push(&self, mut sample: Sample) {
+    /// Returns the sample as queued, shared (the listener serves the same one).
+    pub fn push(&self, mut sample: Sample) -> Arc<Sample> {
         let mut g = self.lock();
         if g.queue.len() >= self.capacity {
-            g.queue.pop_front();
-            g.dropped += 1;
+            let evicted = g.queue.pop_front().map(|s| s.seq);
+            if evicted.is_some() && evicted <= g.in_flight_through {
+                g.evicted_in_flight += 1;
+            } else {
+                g.dropped += 1;
+            }
         }
         sample.dropped_samples = g.dropped;
-        g.queue.push_back(sample);
+        let sample = Arc::new(sample);
+        g.queue.push_back(sample.clone());
         drop(g);
         self.ready.notify_all();
+        sample
     }
 
     /// Samples dropped so far because the buffer was full.
@@ -75,9 +88,11 @@ impl Buffer {
         self.capacity
     }
 
-    /// Copies of the oldest `max` samples, waiting until at least one is
-    /// there, the buffer is closed, or `deadline` passes (empty result).
-    pub fn peek_batch(&self, max: usize, deadline: Option<Instant>) -> Vec<Sample> {
+    /// The oldest `max` samples, waiting until at least one is there, the
+    /// buffer is closed, or `deadline` passes (empty result). They stay in
+    /// the buffer, marked in flight until [`Buffer::remove_through`] or
+    /// [`Buffer::release`].
+    pub fn peek_batch(&self, max: usize, deadline: Option<Instant>) -> Vec<Arc<Sample>> {
         let mut g = self.lock();
         while g.queue.is_empty() && !g.closed {
             g = match deadline {
@@ -93,7 +108,9 @@ impl Buffer {
                 }
             };
         }
-        g.queue.iter().take(max).cloned().collect()
+        let batch: Vec<Arc<Sample>> = g.queue.iter().take(max).cloned().collect();
+        g.in_flight_through = batch.last().map(|s| s.seq);
+        batch
     }
 
     /// Removes every sample up to and including `(run_id, seq)` of the last
@@ -103,7 +120,17 @@ impl Buffer {
         let mut g = self.lock();
         let n = g.queue.iter().take_while(|s| s.seq <= last_seq).count();
         g.queue.drain(..n);
+        g.in_flight_through = None;
+        g.evicted_in_flight = 0;
         n
+    }
+
+    /// Ends an in-flight batch that was not delivered: its samples stay
+    /// queued, and those evicted meanwhile now count as dropped.
+    pub fn release(&self) {
+        let mut g = self.lock();
+        g.dropped += std::mem::take(&mut g.evicted_in_flight);
+        g.in_flight_through = None;
     }
 
     /// Wakes every waiter; later `peek_batch` calls return at once.
@@ -119,7 +146,7 @@ impl Buffer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn sample(seq: u64) -> Sample {
@@ -142,7 +169,7 @@ mod tests {
         Sample::from_json_strict(&json).unwrap()
     }
 
-    fn seqs(v: &[Sample]) -> Vec<u64> {
+    fn seqs(v: &[Arc<Sample>]) -> Vec<u64> {
         v.iter().map(|s| s.seq).collect()
     }
 
@@ -173,6 +200,30 @@ mod tests {
         // While the batch is in flight, overflow drops seq 1.
         b.push(sample(4));
         assert_eq!(b.remove_through(2), 1);
+        assert_eq!(seqs(&b.peek_batch(10, None)), vec![3, 4]);
+    }
+
+    #[test]
+    fn eviction_of_an_in_flight_sample_counts_only_if_the_request_fails() {
+        let b = Buffer::new(2);
+        b.push(sample(1));
+        b.push(sample(2));
+        let batch = b.peek_batch(2, None);
+        b.push(sample(3)); // evicts 1, in flight
+        assert_eq!(b.dropped(), 0);
+        b.remove_through(batch[1].seq); // delivered: 1 was not lost
+        assert_eq!(b.dropped(), 0);
+        assert_eq!(seqs(&b.peek_batch(10, None)), vec![3]);
+
+        let b = Buffer::new(2);
+        b.push(sample(1));
+        b.push(sample(2));
+        b.peek_batch(2, None);
+        b.push(sample(3)); // evicts 1, in flight
+        b.release(); // the request failed: 1 is lost
+        assert_eq!(b.dropped(), 1);
+        b.push(sample(4)); // evicts 2, not in flight
+        assert_eq!(b.dropped(), 2);
         assert_eq!(seqs(&b.peek_batch(10, None)), vec![3, 4]);
     }
 

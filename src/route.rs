@@ -82,18 +82,23 @@ fn split_host_port(authority: &str) -> (&str, Option<&str>) {
     }
 }
 
-/// The IP address and port a resolved `http://` URL points at, when its host
-/// is an address literal (a name would need DNS, which this does not do).
-pub fn literal_target(url: &str) -> Option<SocketAddr> {
+/// The host and port of a resolved `http://` URL (port 80 when absent).
+pub fn host_port(url: &str) -> Option<(&str, u16)> {
     let rest = url.strip_prefix("http://")?;
     let authority = rest.split(['/', '?']).next()?;
     let (host, port) = split_host_port(authority);
-    let ip: IpAddr = host.parse().ok()?;
     let port = match port {
         Some(p) => p.parse().ok()?,
         None => 80,
     };
-    Some(SocketAddr::new(ip, port))
+    Some((host, port))
+}
+
+/// The address a resolved URL points at, when its host is an address
+/// literal (a name would need DNS, which this does not do).
+pub fn literal_target(url: &str) -> Option<SocketAddr> {
+    let (host, port) = host_port(url)?;
+    Some(SocketAddr::new(host.parse().ok()?, port))
 }
 
 /// The default gateway in `<proc_root>/net/route`: among routes with

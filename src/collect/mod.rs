@@ -56,6 +56,7 @@ pub struct Collector {
     prev_cpu: Option<(Instant, CpuSnapshot)>,
     last_pct: CpuPercent,
     failing: BTreeMap<&'static str, String>,
+    failing_changed: bool,
 }
 
 impl Collector {
@@ -90,6 +91,7 @@ impl Collector {
             prev_cpu: None,
             last_pct: CpuPercent::default(),
             failing: BTreeMap::new(),
+            failing_changed: false,
         })
     }
 
@@ -106,6 +108,12 @@ impl Collector {
     /// Sources failing at the last collection, with their errors.
     pub fn failures(&self) -> &BTreeMap<&'static str, String> {
         &self.failing
+    }
+
+    /// Whether the set of failing sources changed since the last call, so
+    /// the status is updated only then.
+    pub fn take_failures_changed(&mut self) -> bool {
+        std::mem::take(&mut self.failing_changed)
     }
 
     /// Reads every source once. `seq`, `guest_ip` and `dropped_samples` are
@@ -207,6 +215,7 @@ impl Collector {
         match r {
             Ok(v) => {
                 if self.failing.remove(source).is_some() {
+                    self.failing_changed = true;
                     log::info!("{source}: reading again");
                 }
                 Some(v)
@@ -216,6 +225,7 @@ impl Collector {
                 if self.failing.get(source) != Some(&msg) {
                     log::warn!("{source}: {msg}; its figures are null until it recovers");
                     self.failing.insert(source, msg);
+                    self.failing_changed = true;
                 }
                 None
             }

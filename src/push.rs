@@ -1,0 +1,365 @@
+//! Delivery (GUIDE §5): the sender thread posts the oldest buffered samples
+//! in batches and removes them only once the manager has answered.
+//!
+//! 2xx removes the batch. 400 and 422 mean the payload itself is refused: the
+//! batch is dropped and counted as rejected; 413 halves the batch size first
+//! and drops only a single refused sample. Every other failure keeps the batch
+//! and waits (exponential backoff with full jitter, or `Retry-After`). After a
+//! connection failure the default gateway is looked up again, since DHCP may
+//! have moved it. Logging follows state changes plus a periodic summary, so a
+//! long outage does not flood the log.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::Sample;
+use crate::backoff::{Backoff, parse_retry_after};
+use crate::config::{Config, Format};
+use crate::encode;
+use crate::route::{self, UrlTemplate};
+use crate::status::{PushState, Shared};
+use crate::stop::Stop;
+
+/// How often a still-failing delivery is summarised in the log.
+pub const FAILURE_SUMMARY_EVERY: Duration = Duration::from_secs(60);
+/// Most bytes of a response body read (and discarded) to keep the connection reusable.
+pub const MAX_RESPONSE_BODY: u64 = 64 * 1024;
+/// Shortest time left worth a final request at shutdown.
+const MIN_FLUSH_REQUEST: Duration = Duration::from_millis(50);
+
+/// What one request came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// 2xx: the batch is delivered.
+    Delivered,
+    /// 400, 413 or 422: the payload is refused.
+    Refused(u16),
+    /// Anything else: keep the batch and try again later.
+    Retry {
+        /// What went wrong, with the URL.
+        error: String,
+        /// The manager's `Retry-After`.
+        retry_after: Option<Duration>,
+        /// True for failures below HTTP (connect, reset, timeout).
+        transport: bool,
+    },
+}
+
+/// The sender's state; runs on its own thread.
+pub struct Sender {
+    shared: Arc<Shared>,
+    agent: ureq::Agent,
+    template: UrlTemplate,
+    proc_root: PathBuf,
+    format: Format,
+    authorization: Option<String>,
+    timeout: Duration,
+    batch_limit: usize,
+    backoff: Backoff,
+    body: Vec<u8>,
+    target: Option<String>,
+    resolve_again: bool,
+    reported_no_route: bool,
+    last_summary: Instant,
+}
+
+impl Sender {
+    /// A sender for `config`'s URL; `None` when pushing is off.
+    pub fn new(config: &Config, shared: Arc<Shared>, seed: &str) -> Option<Sender> {
+        let template = config.url.clone()?;
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(config.timeout))
+            .http_status_as_error(false)
+            // Samples go to the manager and nowhere else: no proxy from the
+            // environment, no redirects.
+            .proxy(None)
+            .max_redirects(0)
+            .user_agent(format!("guest-agent/{}", crate::AGENT_VERSION))
+            .build()
+            .into();
+        Some(Sender {
+            shared,
+            agent,
+            template,
+            proc_root: config.proc_root.clone(),
+            format: config.format,
+            authorization: config.token.as_ref().map(|t| format!("Bearer {}", t.0)),
+            timeout: config.timeout,
+            batch_limit: config.batch,
+            backoff: Backoff::new(seed),
+            body: Vec::with_capacity(64 * 1024),
+            target: None,
+            resolve_again: true,
+            reported_no_route: false,
+            last_summary: Instant::now(),
+        })
+    }
+
+    /// Sends until `stop`, then flushes what is buffered for at most the
+    /// request timeout.
+    pub fn run(mut self, stop: &Stop) {
+        self.refresh_target();
+        loop {
+            let batch = self.shared.buffer.peek_batch(self.batch_limit, None);
+            if stop.is_set() || batch.is_empty() {
+                break;
+            }
+            let delay = match self.refresh_target() {
+                None => {
+                    self.shared.buffer.release();
+                    self.no_route_delay()
+                }
+                Some(url) => {
+                    let outcome = self.send(&url, &batch, None);
+                    self.settle(outcome, &batch)
+                }
+            };
+            if let Some(d) = delay {
+                if stop.wait(d) {
+                    break;
+                }
+            }
+        }
+        self.flush();
+    }
+
+    /// The resolved URL, looked up again after a connection failure.
+    fn refresh_target(&mut self) -> Option<String> {
+        if !self.resolve_again && self.target.is_some() {
+            return self.target.clone();
+        }
+        let gateway = if self.template.needs_gateway() {
+            match route::default_gateway(&self.proc_root) {
+                Ok(g) => g,
+                Err(e) => {
+                    log::warn!("{e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let target = self.template.resolve(gateway);
+        if target != self.target {
+            if let Some(t) = &target {
+                log::info!("pushing to {t}");
+                self.reported_no_route = false;
+            }
+        }
+        let guest_ip = target.as_deref().and_then(source_ip);
+        let mut st = self.shared.status();
+        st.target = target.clone();
+        st.guest_ip = guest_ip;
+        drop(st);
+        self.target = target;
+        self.resolve_again = false;
+        self.target.clone()
+    }
+
+    fn no_route_delay(&mut self) -> Option<Duration> {
+        if !self.reported_no_route {
+            log::warn!(
+                "no default route yet for {}; buffering until one appears",
+                self.template.as_str()
+            );
+            self.reported_no_route = true;
+        }
+        let mut st = self.shared.status();
+        st.push_state = PushState::Waiting;
+        st.last_error = Some("no default route".into());
+        drop(st);
+        self.resolve_again = true;
+        Some(
+            self.backoff
+                .next_delay(None)
+                .max(Duration::from_millis(250)),
+        )
+    }
+
+    /// One POST of `batch` to `url`.
+    pub fn send(&mut self, url: &str, batch: &[Arc<Sample>], timeout: Option<Duration>) -> Outcome {
+        encode::encode(batch, self.format, &mut self.body);
+        let mut req = self
+            .agent
+            .post(url)
+            .header("Content-Type", encode::content_type(self.format));
+        if let Some(auth) = &self.authorization {
+            req = req.header("Authorization", auth);
+        }
+        if let Some(t) = timeout {
+            req = req.config().timeout_global(Some(t)).build();
+        }
+        match req.send(&self.body[..]) {
+            Ok(mut resp) => {
+                let status = resp.status().as_u16();
+                let retry_after = resp
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_retry_after);
+                // Read the (bounded) body: it keeps the connection reusable,
+                // and a response cut off mid-way is not an answer. Retrying
+                // may deliver twice; the manager de-duplicates on (run_id, seq).
+                if let Err(e) = resp
+                    .body_mut()
+                    .with_config()
+                    .limit(MAX_RESPONSE_BODY)
+                    .read_to_vec()
+                {
+                    if !matches!(e, ureq::Error::BodyExceedsLimit(_)) {
+                        return Outcome::Retry {
+                            error: format!("{url}: HTTP {status}, then {e}"),
+                            retry_after: None,
+                            transport: true,
+                        };
+                    }
+                }
+                match status {
+                    200..=299 => Outcome::Delivered,
+                    400 | 413 | 422 => Outcome::Refused(status),
+                    _ => Outcome::Retry {
+                        error: format!("{url}: HTTP {status}"),
+                        retry_after,
+                        transport: false,
+                    },
+                }
+            }
+            Err(e) => Outcome::Retry {
+                error: format!("{url}: {e}"),
+                retry_after: None,
+                transport: true,
+            },
+        }
+    }
+
+    /// Applies an outcome to the buffer and status; returns how long to wait
+    /// before the next request, if at all.
+    fn settle(&mut self, outcome: Outcome, batch: &[Arc<Sample>]) -> Option<Duration> {
+        let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
+            return None;
+        };
+        let n = batch.len() as u64;
+        match outcome {
+            Outcome::Delivered => {
+                self.shared.buffer.remove_through(last.seq);
+                let mut st = self.shared.status();
+                if st.push_state == PushState::Failing {
+                    log::info!(
+                        "delivering again after {} failed attempts; {} samples buffered",
+                        st.consecutive_failures,
+                        self.shared.buffer.len()
+                    );
+                }
+                st.delivered += n;
+                st.push_state = PushState::Ok;
+                st.consecutive_failures = 0;
+                drop(st);
+                self.backoff.reset();
+                None
+            }
+            Outcome::Refused(413) if batch.len() > 1 => {
+                self.shared.buffer.release();
+                self.batch_limit = (batch.len() / 2).max(1);
+                log::warn!(
+                    "manager answered 413 to {} samples; sending at most {} per request from now on",
+                    batch.len(),
+                    self.batch_limit
+                );
+                None
+            }
+            Outcome::Refused(status) => {
+                self.shared.buffer.remove_through(last.seq);
+                let msg = format!(
+                    "manager refused samples seq {}..={} with HTTP {status}; they are dropped",
+                    first.seq, last.seq
+                );
+                log::error!("{msg}");
+                let mut st = self.shared.status();
+                st.rejected += n;
+                st.push_state = PushState::Ok;
+                st.consecutive_failures = 0;
+                st.last_error = Some(msg);
+                drop(st);
+                self.backoff.reset();
+                None
+            }
+            Outcome::Retry {
+                error,
+                retry_after,
+                transport,
+            } => {
+                self.shared.buffer.release();
+                if transport {
+                    self.resolve_again = true;
+                }
+                let delay = self.backoff.next_delay(retry_after);
+                let buffered = self.shared.buffer.len();
+                let mut st = self.shared.status();
+                st.consecutive_failures += 1;
+                let first_failure = st.push_state != PushState::Failing;
+                st.push_state = PushState::Failing;
+                st.last_error = Some(error.clone());
+                let failures = st.consecutive_failures;
+                drop(st);
+                if first_failure {
+                    log::warn!("push failed: {error}; keeping {buffered} samples and retrying");
+                    self.last_summary = Instant::now();
+                } else if self.last_summary.elapsed() >= FAILURE_SUMMARY_EVERY {
+                    log::warn!(
+                        "push still failing after {failures} attempts: {error}; {buffered} samples buffered, {} dropped",
+                        self.shared.buffer.dropped()
+                    );
+                    self.last_summary = Instant::now();
+                } else {
+                    log::debug!("push failed: {error}; next try in {delay:?}");
+                }
+                Some(delay)
+            }
+        }
+    }
+
+    /// At shutdown: sends what is buffered until it is empty, a request
+    /// fails, or the timeout has passed since the stop.
+    fn flush(&mut self) {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let batch = self
+                .shared
+                .buffer
+                .peek_batch(self.batch_limit, Some(Instant::now()));
+            if batch.is_empty() {
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let url = self.refresh_target();
+            let (Some(url), true) = (url, left >= MIN_FLUSH_REQUEST) else {
+                self.shared.buffer.release();
+                log::warn!(
+                    "exiting with {} samples undelivered",
+                    self.shared.buffer.len()
+                );
+                return;
+            };
+            let outcome = self.send(&url, &batch, Some(left));
+            if self.settle(outcome, &batch).is_some() {
+                log::warn!(
+                    "exiting with {} samples undelivered",
+                    self.shared.buffer.len()
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// The guest's source address toward a resolved URL. A host name is looked
+/// up here, on the sender's thread, as the request itself would.
+fn source_ip(url: &str) -> Option<String> {
+    let target: SocketAddr = match route::literal_target(url) {
+        Some(t) => t,
+        None => route::host_port(url)?.to_socket_addrs().ok()?.next()?,
+    };
+    route::source_address(target).ok().map(|ip| ip.to_string())
+}

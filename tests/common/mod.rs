@@ -1,0 +1,246 @@
+//! Test helpers: a scriptable HTTP receiver on 127.0.0.1 and waiting helpers.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use guest_agent::config::{self, Config};
+
+/// How the receiver answers the next requests.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// 204 No Content.
+    Accept,
+    /// This status, with these extra headers.
+    Status(u16, Vec<(String, String)>),
+    /// 413 for requests with more than this many samples, else 204.
+    TooLargeAbove(usize),
+    /// Read the request, then never answer (until the mode changes).
+    Hang,
+    /// Read the request, send half a response, close.
+    CloseMidResponse,
+    /// Accept the connection and close it at once.
+    Reset,
+}
+
+/// One request the receiver saw.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub at: Instant,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// The parsed JSON array, when the body was one.
+    pub samples: Vec<serde_json::Value>,
+    /// The status it was answered with (0: none).
+    pub answered: u16,
+}
+
+#[derive(Default)]
+struct State {
+    requests: Vec<Request>,
+}
+
+/// An HTTP/1.1 receiver with keep-alive, on 127.0.0.1.
+pub struct Receiver {
+    pub addr: SocketAddr,
+    mode: Arc<Mutex<Mode>>,
+    state: Arc<Mutex<State>>,
+}
+
+impl Receiver {
+    /// Binds 127.0.0.1 on a free port.
+    pub fn start(mode: Mode) -> Receiver {
+        Self::start_on("127.0.0.1:0".parse().unwrap(), mode)
+    }
+
+    /// Binds `addr` (to come back on the port an agent already targets).
+    pub fn start_on(addr: SocketAddr, mode: Mode) -> Receiver {
+        let listener = TcpListener::bind(addr).expect("bind receiver");
+        let addr = listener.local_addr().unwrap();
+        let mode = Arc::new(Mutex::new(mode));
+        let state = Arc::new(Mutex::new(State::default()));
+        let (m, s) = (mode.clone(), state.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let (m, s) = (m.clone(), s.clone());
+                std::thread::spawn(move || serve(conn, m, s));
+            }
+        });
+        Receiver { addr, mode, state }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/v1/guest-metrics", self.addr)
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+
+    pub fn requests(&self) -> Vec<Request> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    /// Samples of the requests answered 2xx, in arrival order.
+    pub fn delivered(&self) -> Vec<serde_json::Value> {
+        self.requests()
+            .into_iter()
+            .filter(|r| (200..300).contains(&r.answered))
+            .flat_map(|r| r.samples)
+            .collect()
+    }
+
+    /// Seqs of delivered samples, in arrival order.
+    pub fn delivered_seqs(&self) -> Vec<u64> {
+        self.delivered()
+            .iter()
+            .map(|s| s["seq"].as_u64().unwrap())
+            .collect()
+    }
+
+    /// Waits until `pred` holds for the receiver, or panics after `secs`.
+    pub fn wait_for(&self, secs: u64, what: &str, pred: impl Fn(&Receiver) -> bool) {
+        wait_until(secs, what, || pred(self));
+    }
+}
+
+/// A port nothing listens on (bound, then released).
+pub fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Polls `pred` every 20 ms until it holds; panics after `secs` seconds.
+pub fn wait_until(secs: u64, what: &str, mut pred: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !pred() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn serve(mut conn: TcpStream, mode: Arc<Mutex<Mode>>, state: Arc<Mutex<State>>) {
+    let mut buf = Vec::new();
+    loop {
+        if matches!(*mode.lock().unwrap(), Mode::Reset) {
+            return;
+        }
+        let Some((path, headers, body)) = read_request(&mut conn, &mut buf) else {
+            return;
+        };
+        let samples = serde_json::from_slice::<Vec<serde_json::Value>>(&body).unwrap_or_default();
+        let mode_now = mode.lock().unwrap().clone();
+        let (status, extra): (u16, Vec<(String, String)>) = match &mode_now {
+            Mode::Accept => (204, vec![]),
+            Mode::Status(code, h) => (*code, h.clone()),
+            Mode::TooLargeAbove(n) if samples.len() > *n => (413, vec![]),
+            Mode::TooLargeAbove(_) => (204, vec![]),
+            Mode::Hang | Mode::CloseMidResponse | Mode::Reset => (0, vec![]),
+        };
+        state.lock().unwrap().requests.push(Request {
+            at: Instant::now(),
+            path,
+            headers,
+            body,
+            samples,
+            answered: status,
+        });
+        match mode_now {
+            Mode::Hang => {
+                // Hold the connection, answering nothing, until the mode changes.
+                while matches!(*mode.lock().unwrap(), Mode::Hang) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                return;
+            }
+            Mode::CloseMidResponse => {
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart");
+                return;
+            }
+            Mode::Reset => return,
+            _ => {}
+        }
+        let mut resp = format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n");
+        for (k, v) in extra {
+            resp.push_str(&format!("{k}: {v}\r\n"));
+        }
+        resp.push_str("\r\n");
+        if conn.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads one request (head and Content-Length body) from a keep-alive
+/// connection; `buf` carries bytes read past the previous request.
+fn read_request(
+    conn: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Option<(String, Vec<(String, String)>, Vec<u8>)> {
+    let mut chunk = [0u8; 16384];
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        if let Ok(httparse::Status::Complete(head_len)) = req.parse(buf) {
+            let path = req.path.unwrap_or("").to_string();
+            let hs: Vec<(String, String)> = req
+                .headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.name.to_ascii_lowercase(),
+                        String::from_utf8_lossy(h.value).into_owned(),
+                    )
+                })
+                .collect();
+            let len: usize = hs
+                .iter()
+                .find(|(k, _)| k == "content-length")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0);
+            while buf.len() < head_len + len {
+                let n = conn.read(&mut chunk).ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let body = buf[head_len..head_len + len].to_vec();
+            buf.drain(..head_len + len);
+            return Some((path, hs, body));
+        }
+        let n = conn.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The fixture proc root captured from a real machine.
+pub fn fixture_root() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/host").to_string()
+}
+
+/// A configuration from CLI-style pairs, with no config file, the listener
+/// off unless given, and the fixture proc root unless given.
+pub fn config(pairs: &[(&'static str, &str)]) -> Config {
+    let mut cli: Vec<(&'static str, String)> = vec![
+        ("listen", "off".into()),
+        ("proc_root", fixture_root()),
+        ("log", "warn".into()),
+    ];
+    cli.extend(pairs.iter().map(|(k, v)| (*k, v.to_string())));
+    config::resolve(&cli, &[], Some(Path::new("/nonexistent/guest-agent.conf")))
+        .expect("valid test config")
+}
