@@ -116,10 +116,10 @@ impl Sender {
                     self.settle(outcome, &batch)
                 }
             };
-            if let Some(d) = delay {
-                if stop.wait(d) {
-                    break;
-                }
+            if let Some(d) = delay
+                && stop.wait(d)
+            {
+                break;
             }
         }
         self.flush();
@@ -142,11 +142,11 @@ impl Sender {
             None
         };
         let target = self.template.resolve(gateway);
-        if target != self.target {
-            if let Some(t) = &target {
-                log::info!("pushing to {t}");
-                self.reported_no_route = false;
-            }
+        if target != self.target
+            && let Some(t) = &target
+        {
+            log::info!("pushing to {t}");
+            self.reported_no_route = false;
         }
         let guest_ip = target.as_deref().and_then(source_ip);
         let mut st = self.shared.status();
@@ -207,14 +207,13 @@ impl Sender {
                     .with_config()
                     .limit(MAX_RESPONSE_BODY)
                     .read_to_vec()
+                    && !matches!(e, ureq::Error::BodyExceedsLimit(_))
                 {
-                    if !matches!(e, ureq::Error::BodyExceedsLimit(_)) {
-                        return Outcome::Retry {
-                            error: format!("{url}: HTTP {status}, then {e}"),
-                            retry_after: None,
-                            transport: true,
-                        };
-                    }
+                    return Outcome::Retry {
+                        error: format!("{url}: HTTP {status}, then {e}"),
+                        retry_after: None,
+                        transport: true,
+                    };
                 }
                 match status {
                     200..=299 => Outcome::Delivered,
