@@ -21,7 +21,11 @@ impl ProcRoot {
     }
 
     fn put(&self, rel: &str, anomaly: &str) {
-        fs::copy(Path::new(FIXTURES).join("anomalies").join(anomaly), self.0.join(rel)).unwrap();
+        fs::copy(
+            Path::new(FIXTURES).join("anomalies").join(anomaly),
+            self.0.join(rel),
+        )
+        .unwrap();
     }
 
     fn remove(&self, rel: &str) {
@@ -178,7 +182,8 @@ fn without_mem_available_the_documented_estimate_is_used() {
     root.put("meminfo", "meminfo-no-memavailable");
     let s = root.collector().collect();
     let m = fs::read_to_string(root.0.join("meminfo")).unwrap();
-    let expected = kb(&m, "MemFree") + kb(&m, "Buffers") + kb(&m, "Cached") + kb(&m, "SReclaimable");
+    let expected =
+        kb(&m, "MemFree") + kb(&m, "Buffers") + kb(&m, "Cached") + kb(&m, "SReclaimable");
     assert_eq!(s.memory_available_kb, Some(expected));
 }
 
@@ -209,8 +214,14 @@ fn malformed_files_null_their_figures_name_the_file_and_spare_the_rest() {
         let v = json(&c.collect());
         assert!(v[field].is_null(), "{field} with bad {file}");
         assert!(!v["load_average"].is_null() && !v["uptime_seconds"].is_null());
-        let err = c.failures().get(file).unwrap_or_else(|| panic!("{file} failure"));
-        assert!(err.contains(&root.0.join(file).display().to_string()), "{err}");
+        let err = c
+            .failures()
+            .get(file)
+            .unwrap_or_else(|| panic!("{file} failure"));
+        assert!(
+            err.contains(&root.0.join(file).display().to_string()),
+            "{err}"
+        );
     }
 }
 
@@ -222,9 +233,16 @@ fn a_missing_required_file_is_an_error_that_names_it() {
     let s = c.collect();
     assert_eq!(s.load_average, None);
     let err = &c.failures()["loadavg"];
-    assert!(err.contains("loadavg") && err.contains("No such file"), "{err}");
+    assert!(
+        err.contains("loadavg") && err.contains("No such file"),
+        "{err}"
+    );
     // It recovers when the file comes back.
-    fs::copy(Path::new(FIXTURES).join("host/loadavg"), root.0.join("loadavg")).unwrap();
+    fs::copy(
+        Path::new(FIXTURES).join("host/loadavg"),
+        root.0.join("loadavg"),
+    )
+    .unwrap();
     assert!(c.collect().load_average.is_some());
     assert!(c.failures().is_empty());
 }

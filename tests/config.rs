@@ -30,12 +30,18 @@ impl Setup {
         Setup { dir }
     }
 
-    fn resolve(&self, cli: &[(&'static str, &str)], env: &[(&str, &str)]) -> guest_agent::Result<Config> {
+    fn resolve(
+        &self,
+        cli: &[(&'static str, &str)],
+        env: &[(&str, &str)],
+    ) -> guest_agent::Result<Config> {
         let mut c: Vec<(&'static str, String)> =
             vec![("proc_root", self.dir.join("proc").display().to_string())];
         c.extend(cli.iter().map(|(k, v)| (*k, v.to_string())));
-        let env: Vec<(String, String)> =
-            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         config::resolve(&c, &env, Some(&self.dir.join("guest-agent.conf")))
     }
 }
@@ -121,7 +127,11 @@ fn each_source_beats_the_next_with_the_others_present() {
                 if top <= 2 { r.cmdline } else { "" },
                 if top <= 3 { r.file } else { "" },
             );
-            let cli: Vec<(&'static str, &str)> = if top == 0 { vec![(r.name, r.cli)] } else { vec![] };
+            let cli: Vec<(&'static str, &str)> = if top == 0 {
+                vec![(r.name, r.cli)]
+            } else {
+                vec![]
+            };
             let env: Vec<(&str, &str)> = if top <= 1 { vec![r.env] } else { vec![] };
             let c = setup.resolve(&cli, &env).unwrap();
             let cmdline_value = r.cmdline.split_once('=').unwrap().1;
@@ -146,11 +156,20 @@ fn bad_values_fall_through_to_the_next_source_and_are_reported() {
         "GUEST_AGENT_INTERVAL=7s\nGUEST_AGENT_BUFFER=12\n",
     );
     let c = setup
-        .resolve(&[], &[("GUEST_AGENT_INTERVAL", "fast"), ("GUEST_AGENT_LISTEN", "nowhere")])
+        .resolve(
+            &[],
+            &[
+                ("GUEST_AGENT_INTERVAL", "fast"),
+                ("GUEST_AGENT_LISTEN", "nowhere"),
+            ],
+        )
         .unwrap();
     assert_eq!(origin(&c, "interval"), (Some("7s".into()), Source::File));
     assert_eq!(origin(&c, "buffer"), (Some("12".into()), Source::File));
-    assert_eq!(origin(&c, "listen"), (Some("127.0.0.1:8080".into()), Source::Default));
+    assert_eq!(
+        origin(&c, "listen"),
+        (Some("127.0.0.1:8080".into()), Source::Default)
+    );
     assert_eq!(c.interval, std::time::Duration::from_secs(7));
     let all = c.errors.join("\n");
     for needle in [
@@ -170,7 +189,10 @@ fn a_bad_cli_value_is_a_usage_error_naming_flag_value_and_what_is_accepted() {
     let e = setup.resolve(&[("interval", "50ms")], &[]).unwrap_err();
     assert!(matches!(e, guest_agent::Error::Usage(_)));
     let msg = e.to_string();
-    assert!(msg.contains("--interval") && msg.contains("50ms") && msg.contains("100ms"), "{msg}");
+    assert!(
+        msg.contains("--interval") && msg.contains("50ms") && msg.contains("100ms"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -182,8 +204,18 @@ fn cmdline_rules_init_args_unknown_keys_and_valueless_keys() {
     );
     let c = setup.resolve(&[], &[]).unwrap();
     assert_eq!(origin(&c, "vm_id"), (Some("a b".into()), Source::Cmdline));
-    assert!(c.warnings.iter().any(|w| w.contains("guest_agent.colour")), "{:?}", c.warnings);
-    assert!(c.errors.iter().any(|e| e.contains("guest_agent.interval has no value")), "{:?}", c.errors);
+    assert!(
+        c.warnings.iter().any(|w| w.contains("guest_agent.colour")),
+        "{:?}",
+        c.warnings
+    );
+    assert!(
+        c.errors
+            .iter()
+            .any(|e| e.contains("guest_agent.interval has no value")),
+        "{:?}",
+        c.errors
+    );
     assert_eq!(origin(&c, "interval").1, Source::Default);
 }
 
@@ -204,7 +236,13 @@ fn a_missing_file_is_normal_an_unreadable_one_is_reported() {
         Some(&setup.dir),
     )
     .unwrap();
-    assert!(c.errors.iter().any(|e| e.contains(&setup.dir.display().to_string())), "{:?}", c.errors);
+    assert!(
+        c.errors
+            .iter()
+            .any(|e| e.contains(&setup.dir.display().to_string())),
+        "{:?}",
+        c.errors
+    );
 }
 
 fn print_config(args: &[&str], env: &[(&str, &str)]) -> (i32, serde_json::Value, String) {
@@ -224,11 +262,26 @@ fn print_config(args: &[&str], env: &[(&str, &str)]) -> (i32, serde_json::Value,
 fn print_config_shows_every_value_and_source_through_the_binary() {
     let root = format!("{FIXTURES}/configured");
     let (code, j, stderr) = print_config(
-        &["--proc-root", &root, "--config", "/nonexistent", "--batch", "7"],
-        &[("GUEST_AGENT_INTERVAL", "2s"), ("GUEST_AGENT_TOKEN", "env-secret")],
+        &[
+            "--proc-root",
+            &root,
+            "--config",
+            "/nonexistent",
+            "--batch",
+            "7",
+        ],
+        &[
+            ("GUEST_AGENT_INTERVAL", "2s"),
+            ("GUEST_AGENT_TOKEN", "env-secret"),
+        ],
     );
     assert_eq!(code, 0, "{stderr}");
-    let entry = |k: &str| (j[k]["value"].clone(), j[k]["source"].as_str().unwrap().to_string());
+    let entry = |k: &str| {
+        (
+            j[k]["value"].clone(),
+            j[k]["source"].as_str().unwrap().to_string(),
+        )
+    };
     assert_eq!(entry("batch"), ("7".into(), "cli".into()));
     assert_eq!(entry("proc_root"), (root.clone().into(), "cli".into()));
     assert_eq!(entry("interval"), ("2s".into(), "env".into()));
@@ -245,7 +298,10 @@ fn print_config_shows_every_value_and_source_through_the_binary() {
     );
     // Three default routes: the lowest metric (100) is 127.0.0.2.
     assert_eq!(j["url"]["resolved"], "http://127.0.0.2:18081/ingest");
-    assert_eq!(j.as_object().unwrap().len(), config::settings::SETTINGS.len());
+    assert_eq!(
+        j.as_object().unwrap().len(),
+        config::settings::SETTINGS.len()
+    );
     // Secrets never appear, and the unknown cmdline key is a warning.
     let all = format!("{j}{stderr}");
     assert!(!all.contains("secret"), "{all}");
@@ -261,7 +317,10 @@ fn print_config_without_a_default_route_resolves_to_null() {
     )
     .unwrap();
     let proc_root = setup.dir.join("proc").display().to_string();
-    let (code, j, stderr) = print_config(&["--proc-root", &proc_root, "--config", "/nonexistent"], &[]);
+    let (code, j, stderr) = print_config(
+        &["--proc-root", &proc_root, "--config", "/nonexistent"],
+        &[],
+    );
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(j["url"]["source"], "default");
     assert!(j["url"]["resolved"].is_null());
@@ -278,15 +337,22 @@ fn an_invalid_cli_exits_2_with_one_line() {
         let (code, _, stderr) = print_config(args, &[]);
         assert_eq!(code, 2, "{args:?}: {stderr}");
         assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-        assert!(stderr.contains(args[0]) || stderr.contains(args[0].trim_start_matches('-')), "{stderr}");
+        assert!(
+            stderr.contains(args[0]) || stderr.contains(args[0].trim_start_matches('-')),
+            "{stderr}"
+        );
     }
 }
 
 #[test]
 fn route_fixtures_pick_the_right_gateway() {
     use guest_agent::route::parse_default_gateway;
-    let gw = |name: &str| parse_default_gateway(&fs::read(format!("{FIXTURES}/routes/{name}")).unwrap());
-    assert_eq!(gw("several-defaults").unwrap(), Some("127.0.0.2".parse().unwrap()));
+    let gw =
+        |name: &str| parse_default_gateway(&fs::read(format!("{FIXTURES}/routes/{name}")).unwrap());
+    assert_eq!(
+        gw("several-defaults").unwrap(),
+        Some("127.0.0.2".parse().unwrap())
+    );
     assert_eq!(gw("down-and-host-routes").unwrap(), None);
     assert_eq!(gw("empty").unwrap(), None);
     assert!(gw("malformed").is_err());
@@ -294,13 +360,19 @@ fn route_fixtures_pick_the_right_gateway() {
 
 #[test]
 fn help_and_version() {
-    let out = Command::new(env!("CARGO_BIN_EXE_guest-agent")).arg("--help").output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_guest-agent"))
+        .arg("--help")
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     for s in config::settings::SETTINGS {
         assert!(help.contains(&s.flag()), "{}", s.name);
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_guest-agent")).arg("--version").output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_guest-agent"))
+        .arg("--version")
+        .output()
+        .unwrap();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         format!("guest-agent {}", guest_agent::AGENT_VERSION)
@@ -311,12 +383,24 @@ fn help_and_version() {
 fn once_prints_a_sample_from_a_fixture_root_without_network() {
     let out = Command::new(env!("CARGO_BIN_EXE_guest-agent"))
         .args(["--once", "--url", "off", "--config", "/nonexistent"])
-        .args(["--proc-root", &format!("{FIXTURES}/host"), "--vm-id", "vm-once"])
+        .args([
+            "--proc-root",
+            &format!("{FIXTURES}/host"),
+            "--vm-id",
+            "vm-once",
+        ])
         .env_clear()
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let s = guest_agent::Sample::from_json_strict(&v).unwrap();
-    assert_eq!((s.seq, s.vm_id.as_deref(), s.guest_ip), (1, Some("vm-once"), None));
+    assert_eq!(
+        (s.seq, s.vm_id.as_deref(), s.guest_ip),
+        (1, Some("vm-once"), None)
+    );
 }

@@ -34,7 +34,13 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Rounds to two decimals, the precision the kernel prints load and PSI with
 /// (procfs hands them over as `f32`, whose widening shows noise digits).
 pub(crate) fn round2(x: f32) -> f64 {
-    (x as f64 * 100.0).round() / 100.0
+    round_pct(x as f64)
+}
+
+/// Rounds a percentage to two decimals: finer than any reader of `top` or
+/// `free` needs, and it keeps every body short.
+pub(crate) fn round_pct(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
 }
 
 /// Reads every source under one proc root into samples.
@@ -180,9 +186,9 @@ impl Collector {
             window_ms,
             guest_ip: None,
             cpu_count: stat.as_ref().map(|s| s.cpus.cpus.len() as u32),
-            cpu_usage_percent: pct.map(|p| p.usage),
-            cpu_iowait_percent: pct.map(|p| p.iowait),
-            cpu_steal_percent: pct.map(|p| p.steal),
+            cpu_usage_percent: pct.map(|p| round_pct(p.usage)),
+            cpu_iowait_percent: pct.map(|p| round_pct(p.iowait)),
+            cpu_steal_percent: pct.map(|p| round_pct(p.steal)),
             procs_running: stat.as_ref().and_then(|s| s.procs_running),
             procs_blocked: stat.as_ref().and_then(|s| s.procs_blocked),
             process_count: procs,
@@ -192,7 +198,7 @@ impl Collector {
             memory_total_kb: mem.map(|m| m.total_kb),
             memory_available_kb: mem.map(|m| m.available_kb),
             memory_used_kb: mem.map(|m| m.used_kb()),
-            memory_usage_percent: mem.map(|m| m.usage_percent()),
+            memory_usage_percent: mem.map(|m| round_pct(m.usage_percent())),
             swap_total_kb: mem.map(|m| m.swap_total_kb),
             swap_used_kb: mem.map(|m| m.swap_used_kb),
             uptime_seconds: uptime,

@@ -186,10 +186,7 @@ type Parsed = (String, Vec<(String, String)>, Vec<u8>);
 
 /// Reads one request (head and Content-Length body) from a keep-alive
 /// connection; `buf` carries bytes read past the previous request.
-fn read_request(
-    conn: &mut TcpStream,
-    buf: &mut Vec<u8>,
-) -> Option<Parsed> {
+fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Parsed> {
     let mut chunk = [0u8; 16384];
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 32];
