@@ -33,10 +33,13 @@ pub const MAX_HEADERS: usize = 32;
 /// Time a client has to send a whole request head, counted from the
 /// connection's accept (first request) or from the head's first byte (later
 /// requests), not per read: a client dripping one byte a second is cut when
-/// it runs out. A body to discard must arrive within the same time.
+/// it runs out. A body to discard gets the same time again, from the end of
+/// its head.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Time a keep-alive connection may wait for its next request.
+/// Time a keep-alive connection may wait for its next request. A client
+/// that keeps asking within it keeps its slot: that is ordinary use, and
+/// [`MAX_CONNECTIONS`] bounds what it costs.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Time a client has to take one whole response; a client that never reads
