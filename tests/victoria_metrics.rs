@@ -210,6 +210,9 @@ fn push_and_compare(vm: &VictoriaMetrics, vm_id: &str, at_least: u64) {
         ("interval", "200ms"),
         ("vm_id", vm_id),
         ("proc_root", "/proc"),
+        // Generous, so that a slow answer on a busy host is not retried
+        // (which would store a batch twice).
+        ("timeout", "10s"),
     ]))
     .unwrap();
     let shared = a.shared().clone();
