@@ -20,7 +20,7 @@ pub mod config;
 pub mod route;
 pub use config::Config;
 pub mod agent;
+pub mod buffer;
 pub mod cli;
 pub mod logging;
-pub mod buffer;
 pub mod status;
