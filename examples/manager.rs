@@ -15,7 +15,9 @@
 //! Answers: 400 with a short reason for a body that does not parse or fails
 //! validation; 401 without the right `Authorization: Bearer` (with
 //! `--token`); 404 for other paths, 405 for other methods; 411 without a
-//! `Content-Length`; 413 for bodies over [`MAX_BODY`]; 500 when the NDJSON
+//! `Content-Length`, 501 for `Transfer-Encoding` (the agent always sends a
+//! length); 413 for bodies over [`MAX_BODY`], 431 for heads over
+//! [`MAX_HEAD`]; 500 when the NDJSON
 //! file cannot be written (the batch is not marked seen, so the agent's retry
 //! stores it); 503 with `Retry-After` when [`MAX_CONNECTIONS`] are open.
 //!
