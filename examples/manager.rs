@@ -1,0 +1,633 @@
+//! A reference ingest server for manager developers: what the receiving end
+//! of guest-agent's pushes has to do (GUIDE §3, §5), in one std-only file.
+//!
+//! ```text
+//! cargo run --example manager -- [--listen 127.0.0.1:18080] [--ndjson FILE] [--token TOKEN]
+//! ```
+//!
+//! It accepts `POST /v1/guest-metrics` with a JSON array of samples, checks
+//! each with [`Sample::from_json_strict`] (a batch is stored whole or not at
+//! all), drops samples it has already seen by (`run_id`, `seq`), prints one
+//! line per new sample, optionally appends each new sample to an NDJSON file,
+//! and answers 204. The first line on stdout is `listening on ADDR`, so a
+//! caller that asked for port 0 learns the port.
+//!
+//! Answers: 400 with a short reason for a body that does not parse or fails
+//! validation; 401 without the right `Authorization: Bearer` (with
+//! `--token`); 404 for other paths, 405 for other methods; 411 without a
+//! `Content-Length`, 501 for `Transfer-Encoding` (the agent always sends a
+//! length); 413 for bodies over [`MAX_BODY`], 431 for heads over
+//! [`MAX_HEAD`]; 500 when the NDJSON
+//! file cannot be written (the batch is not marked seen, so the agent's retry
+//! stores it); 503 with `Retry-After` when [`MAX_CONNECTIONS`] are open.
+//!
+//! HTTP/1.1 keep-alive, one thread per connection, and every read has a
+//! deadline. A production manager keeps the same contract but stores samples
+//! in its database, where a unique key on (`run_id`, `seq`) replaces the
+//! in-memory [`Dedup`] and survives restarts.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use guest_agent::Sample;
+
+/// The ingest path the agent POSTs to by default.
+const INGEST_PATH: &str = "/v1/guest-metrics";
+/// Largest request body accepted, bytes: a full batch of 10,000 samples is
+/// about 15 MB pretty-printed but under 8 MiB as the agent sends it.
+const MAX_BODY: usize = 8 * 1024 * 1024;
+/// Largest request head (request line and headers), bytes.
+const MAX_HEAD: usize = 16 * 1024;
+/// Most headers in one request.
+const MAX_HEADERS: usize = 64;
+/// Connections served at once; more get 503 and `Retry-After`.
+const MAX_CONNECTIONS: usize = 256;
+/// Deadline for a whole request (head and body) once its first byte arrived.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+/// How long an idle keep-alive connection is kept open.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Deadline for writing one response.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Sequence numbers remembered below the highest seen, per run. The agent
+/// sends oldest first and only resends the batch in flight (at most 10,000
+/// samples, its largest `batch`), so a duplicate is always within this
+/// window; anything older is treated as already seen.
+const DEDUP_WINDOW: u64 = 16 * 1024;
+/// Runs (agent processes) remembered; the least recently active is
+/// forgotten first. Each costs `DEDUP_WINDOW / 8` bytes (2 KiB).
+const MAX_RUNS: usize = 4096;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let opts = match Options::parse(&args) {
+        Ok(Some(opts)) => opts,
+        Ok(None) => {
+            print!("{USAGE}");
+            return;
+        }
+        Err(e) => {
+            eprintln!("manager: {e}\n{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(opts) {
+        eprintln!("manager: {e}");
+        std::process::exit(1);
+    }
+}
+
+const USAGE: &str = "usage: manager [--listen ADDR:PORT] [--ndjson FILE] [--token TOKEN]
+  --listen ADDR:PORT  where to listen (default 127.0.0.1:18080; port 0 picks one)
+  --ndjson FILE       append each new sample to FILE as one JSON line
+  --token TOKEN       require Authorization: Bearer TOKEN
+";
+
+/// The command line.
+struct Options {
+    listen: SocketAddr,
+    ndjson: Option<PathBuf>,
+    token: Option<String>,
+}
+
+impl Options {
+    /// `Ok(None)` for `--help`.
+    fn parse(args: &[String]) -> Result<Option<Options>, String> {
+        let mut opts = Options {
+            listen: SocketAddr::from(([127, 0, 0, 1], 18080)),
+            ndjson: None,
+            token: None,
+        };
+        let mut it = args.iter();
+        while let Some(flag) = it.next() {
+            if flag == "--help" || flag == "-h" {
+                return Ok(None);
+            }
+            let value = it
+                .next()
+                .ok_or_else(|| format!("{flag} needs a value"))?
+                .clone();
+            match flag.as_str() {
+                "--listen" => {
+                    opts.listen = value.parse().map_err(|_| {
+                        format!("--listen {value:?}: expected an address such as 127.0.0.1:18080")
+                    })?
+                }
+                "--ndjson" => opts.ndjson = Some(PathBuf::from(value)),
+                "--token" => {
+                    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_graphic()) {
+                        return Err("--token: expected printable ASCII without spaces".into());
+                    }
+                    opts.token = Some(value)
+                }
+                _ => return Err(format!("unknown argument {flag:?}")),
+            }
+        }
+        Ok(Some(opts))
+    }
+}
+
+/// What every connection thread shares.
+struct Shared {
+    token: Option<String>,
+    store: Mutex<Store>,
+}
+
+/// Seen samples and where new ones go, under one lock so that the NDJSON
+/// file's order is the order samples were accepted in.
+struct Store {
+    dedup: Dedup,
+    ndjson: Option<File>,
+}
+
+fn run(opts: Options) -> Result<(), String> {
+    let ndjson = match &opts.ndjson {
+        Some(path) => Some(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("cannot open {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    let listener = TcpListener::bind(opts.listen)
+        .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the bound address: {e}"))?;
+    println!("listening on {addr}");
+    let shared = Arc::new(Shared {
+        token: opts.token,
+        store: Mutex::new(Store {
+            dedup: Dedup::default(),
+            ndjson,
+        }),
+    });
+    let open = Arc::new(AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of file descriptors, a reset before accept: the
+                // listener itself is fine; wait a little and go on.
+                eprintln!("manager: accept: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            open.fetch_sub(1, Ordering::SeqCst);
+            let mut conn = Conn::new(stream);
+            let _ = conn.respond(&Reply::busy(), true);
+            continue;
+        }
+        let guard = Slot(Arc::clone(&open));
+        let shared = Arc::clone(&shared);
+        let spawned = std::thread::Builder::new()
+            .name("conn".into())
+            .spawn(move || {
+                let _slot = guard;
+                let peer = stream
+                    .peer_addr()
+                    .map_or_else(|_| "?".into(), |a| a.to_string());
+                if let Err(e) = serve(Conn::new(stream), &shared) {
+                    eprintln!("manager: {peer}: {e}");
+                }
+            });
+        if let Err(e) = spawned {
+            eprintln!("manager: cannot start a connection thread: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Holds one of the [`MAX_CONNECTIONS`] places until dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Locks the store; a panic in another connection thread leaves it usable
+/// (each update is complete before anything that could panic).
+fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
+    store.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One HTTP response.
+struct Reply {
+    status: u16,
+    reason: &'static str,
+    headers: Vec<(&'static str, String)>,
+    body: String,
+}
+
+impl Reply {
+    fn new(status: u16, reason: &'static str, body: impl Into<String>) -> Reply {
+        Reply {
+            status,
+            reason,
+            headers: Vec::new(),
+            body: body.into(),
+        }
+    }
+
+    fn no_content() -> Reply {
+        Reply::new(204, "No Content", "")
+    }
+
+    fn bad_request(why: impl std::fmt::Display) -> Reply {
+        Reply::new(400, "Bad Request", format!("{why}\n"))
+    }
+
+    fn busy() -> Reply {
+        let mut r = Reply::new(503, "Service Unavailable", "too many connections\n");
+        r.headers.push(("Retry-After", "1".into()));
+        r
+    }
+}
+
+/// A connection with the bytes read from it but not used yet (the start of
+/// a pipelined request).
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    fn new(stream: TcpStream) -> Conn {
+        Conn {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Reads more bytes into `buf`, waiting until `deadline`. `Ok(0)` is the
+    /// end of the stream.
+    fn fill(&mut self, deadline: Instant) -> io::Result<usize> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        let mut chunk = [0u8; 16 * 1024];
+        let n = self.stream.read(&mut chunk)?;
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n)
+    }
+
+    fn respond(&mut self, reply: &Reply, close: bool) -> io::Result<()> {
+        let mut head = format!(
+            "HTTP/1.1 {} {}\r\nContent-Length: {}\r\n",
+            reply.status,
+            reply.reason,
+            reply.body.len()
+        );
+        if !reply.body.is_empty() {
+            head.push_str("Content-Type: text/plain; charset=utf-8\r\n");
+        }
+        for (name, value) in &reply.headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str(if close {
+            "Connection: close\r\n\r\n"
+        } else {
+            "Connection: keep-alive\r\n\r\n"
+        });
+        head.push_str(&reply.body);
+        self.stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        self.stream.write_all(head.as_bytes())?;
+        self.stream.flush()
+    }
+}
+
+/// The parts of a request head the server acts on.
+struct Head {
+    method: String,
+    path: String,
+    keep_alive: bool,
+    content_length: Option<usize>,
+    chunked: bool,
+    expect_continue: bool,
+    authorization: Option<Vec<u8>>,
+    len: usize,
+}
+
+/// Parses a complete head from `buf`; `Ok(None)` when more bytes are needed.
+fn parse_head(buf: &[u8]) -> Result<Option<Head>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(format!("malformed request head: {e}")),
+    };
+    let http11 = req.version == Some(1);
+    let mut head = Head {
+        method: req.method.unwrap_or_default().to_string(),
+        path: req.path.unwrap_or_default().to_string(),
+        keep_alive: http11,
+        content_length: None,
+        chunked: false,
+        expect_continue: false,
+        authorization: None,
+        len,
+    };
+    for h in req.headers.iter() {
+        let value = String::from_utf8_lossy(h.value);
+        let value = value.trim();
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let n = value
+                .parse::<usize>()
+                .map_err(|_| format!("bad Content-Length {value:?}"))?;
+            if head.content_length.is_some_and(|m| m != n) {
+                return Err("conflicting Content-Length headers".into());
+            }
+            head.content_length = Some(n);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            head.chunked = true;
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            for token in value.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") {
+                    head.keep_alive = false;
+                } else if token.eq_ignore_ascii_case("keep-alive") {
+                    head.keep_alive = true;
+                }
+            }
+        } else if h.name.eq_ignore_ascii_case("expect") {
+            head.expect_continue = value.eq_ignore_ascii_case("100-continue");
+        } else if h.name.eq_ignore_ascii_case("authorization") {
+            head.authorization = Some(h.value.to_vec());
+        }
+    }
+    Ok(Some(head))
+}
+
+/// Serves requests on one connection until the client closes it, a reply
+/// closes it, or a deadline passes.
+fn serve(mut conn: Conn, shared: &Shared) -> io::Result<()> {
+    loop {
+        // Wait for the first byte of the next request with the idle
+        // timeout, then for the rest of it with the request deadline.
+        if conn.buf.is_empty() {
+            match conn.fill(Instant::now() + IDLE_TIMEOUT) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) if is_timeout(&e) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        let deadline = Instant::now() + REQUEST_DEADLINE;
+        let head = loop {
+            match parse_head(&conn.buf) {
+                Ok(Some(head)) => break head,
+                Ok(None) if conn.buf.len() > MAX_HEAD => {
+                    let reply =
+                        Reply::new(431, "Request Header Fields Too Large", "head too large\n");
+                    return conn.respond(&reply, true);
+                }
+                Ok(None) => {
+                    if conn.fill(deadline)? == 0 {
+                        return Ok(()); // closed in the middle of a head
+                    }
+                }
+                Err(why) => return conn.respond(&Reply::bad_request(why), true),
+            }
+        };
+        conn.buf.drain(..head.len);
+
+        // Refusals that do not read the body close the connection: its
+        // unread bytes would otherwise be taken for the next request.
+        if let Some(reply) = refuse(&head, shared) {
+            return conn.respond(&reply, true);
+        }
+        let Some(length) = head.content_length else {
+            return conn.respond(
+                &Reply::new(411, "Length Required", "Content-Length required\n"),
+                true,
+            );
+        };
+        if head.expect_continue && conn.buf.is_empty() {
+            conn.stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+            conn.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        }
+        while conn.buf.len() < length {
+            if conn.fill(deadline)? == 0 {
+                return Ok(()); // closed in the middle of a body
+            }
+        }
+        let body: Vec<u8> = conn.buf.drain(..length).collect();
+        let reply = ingest(&body, shared);
+        conn.respond(&reply, !head.keep_alive)?;
+        if !head.keep_alive {
+            return Ok(());
+        }
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// The reply for a request refused on its head alone.
+fn refuse(head: &Head, shared: &Shared) -> Option<Reply> {
+    let path = head.path.split('?').next().unwrap_or_default();
+    if path != INGEST_PATH {
+        return Some(Reply::new(404, "Not Found", "not found\n"));
+    }
+    if head.method != "POST" {
+        let mut r = Reply::new(405, "Method Not Allowed", "only POST\n");
+        r.headers.push(("Allow", "POST".into()));
+        return Some(r);
+    }
+    if let Some(token) = &shared.token {
+        let expected = format!("Bearer {token}");
+        let given = head.authorization.as_deref().unwrap_or_default();
+        if !constant_time_eq(given, expected.as_bytes()) {
+            let mut r = Reply::new(401, "Unauthorized", "missing or wrong bearer token\n");
+            r.headers.push(("WWW-Authenticate", "Bearer".into()));
+            return Some(r);
+        }
+    }
+    if head.chunked {
+        return Some(Reply::new(
+            501,
+            "Not Implemented",
+            "Transfer-Encoding is not supported; send Content-Length\n",
+        ));
+    }
+    if head.content_length.is_some_and(|n| n > MAX_BODY) {
+        return Some(Reply::new(
+            413,
+            "Content Too Large",
+            format!("body over {MAX_BODY} bytes\n"),
+        ));
+    }
+    None
+}
+
+/// Compares without stopping at the first difference, so response time
+/// does not tell how much of a guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Validates a batch and stores its new samples.
+fn ingest(body: &[u8], shared: &Shared) -> Reply {
+    let value: serde_json::Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return Reply::bad_request(format!("body is not JSON: {e}")),
+    };
+    let Some(items) = value.as_array() else {
+        return Reply::bad_request("body is not a JSON array of samples");
+    };
+    if items.is_empty() {
+        return Reply::bad_request("empty batch");
+    }
+    let mut samples = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        match Sample::from_json_strict(item) {
+            Ok(s) => samples.push(s),
+            Err(e) => return Reply::bad_request(format!("sample {i}: {e}")),
+        }
+    }
+
+    let mut store = lock(&shared.store);
+    // Pick the new ones first and mark them seen only once they are
+    // stored: a failed write leaves them new for the agent's retry.
+    let mut in_batch = HashSet::new();
+    let fresh: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| !store.dedup.seen(&s.run_id, s.seq) && in_batch.insert((&s.run_id, s.seq)))
+        .collect();
+    if let Some(file) = store.ndjson.as_mut() {
+        let mut lines = String::new();
+        for s in &fresh {
+            match serde_json::to_string(s) {
+                Ok(line) => {
+                    lines.push_str(&line);
+                    lines.push('\n');
+                }
+                Err(e) => {
+                    return Reply::new(500, "Internal Server Error", format!("encode: {e}\n"));
+                }
+            }
+        }
+        if let Err(e) = file.write_all(lines.as_bytes()).and_then(|()| file.flush()) {
+            eprintln!("manager: writing the NDJSON file: {e}");
+            return Reply::new(500, "Internal Server Error", "cannot store samples\n");
+        }
+    }
+    for s in &fresh {
+        store.dedup.mark(&s.run_id, s.seq);
+    }
+    let mut out = io::stdout().lock();
+    for s in &fresh {
+        // A closed stdout must not stop ingestion: the line is only a view.
+        let _ = writeln!(out, "{}", summary(s));
+    }
+    Reply::no_content()
+}
+
+/// One compact line: vm, seq, cpu%, mem%, load.
+fn summary(s: &Sample) -> String {
+    fn figure(x: Option<f64>) -> String {
+        x.map_or_else(|| "-".into(), |v| format!("{v:.1}"))
+    }
+    let vm = s.vm_id.as_deref().or(s.hostname.as_deref()).unwrap_or("?");
+    format!(
+        "{vm} seq={} cpu={}% mem={}% load={}",
+        s.seq,
+        figure(s.cpu_usage_percent),
+        figure(s.memory_usage_percent),
+        s.load_average
+            .map_or_else(|| "-".into(), |v| format!("{v:.2}")),
+    )
+}
+
+/// Which (`run_id`, `seq`) pairs were seen, in bounded memory: per run, the
+/// highest seq and a bitmap of the [`DEDUP_WINDOW`] seqs below it (as in
+/// IPsec's anti-replay window); at most [`MAX_RUNS`] runs, the least recently
+/// active forgotten first.
+///
+/// Gaps are normal (the agent drops samples when its buffer overflows or a
+/// batch is refused), so the window slides on the highest seq, not on the
+/// highest contiguous one. Limits: a seq more than the window below the
+/// highest counts as seen; a forgotten run's resent samples count as new.
+#[derive(Default)]
+struct Dedup {
+    runs: HashMap<String, Window>,
+    clock: u64,
+}
+
+struct Window {
+    highest: u64,
+    bits: Vec<u64>,
+    last_active: u64,
+}
+
+impl Dedup {
+    fn seen(&self, run_id: &str, seq: u64) -> bool {
+        let Some(w) = self.runs.get(run_id) else {
+            return false;
+        };
+        if seq > w.highest {
+            return false;
+        }
+        if w.highest - seq >= DEDUP_WINDOW {
+            return true;
+        }
+        let bit = seq % DEDUP_WINDOW;
+        w.bits[(bit / 64) as usize] & (1 << (bit % 64)) != 0
+    }
+
+    fn mark(&mut self, run_id: &str, seq: u64) {
+        self.clock += 1;
+        if !self.runs.contains_key(run_id) && self.runs.len() >= MAX_RUNS {
+            let oldest = self
+                .runs
+                .iter()
+                .min_by_key(|(_, w)| w.last_active)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                self.runs.remove(&k);
+            }
+        }
+        let w = self
+            .runs
+            .entry(run_id.to_string())
+            .or_insert_with(|| Window {
+                highest: 0,
+                bits: vec![0; (DEDUP_WINDOW / 64) as usize],
+                last_active: 0,
+            });
+        w.last_active = self.clock;
+        if seq > w.highest {
+            // Slide: the seqs between the old and new highest are unseen.
+            if seq - w.highest >= DEDUP_WINDOW {
+                w.bits.fill(0);
+            } else {
+                for s in w.highest + 1..seq {
+                    let bit = s % DEDUP_WINDOW;
+                    w.bits[(bit / 64) as usize] &= !(1 << (bit % 64));
+                }
+            }
+            w.highest = seq;
+        } else if w.highest - seq >= DEDUP_WINDOW {
+            return;
+        }
+        let bit = seq % DEDUP_WINDOW;
+        w.bits[(bit / 64) as usize] |= 1 << (bit % 64);
+    }
+}
