@@ -235,7 +235,9 @@ fn find_agent() -> Result<PathBuf, String> {
     }
     let target_dir = manifest_dir().join("target/vm-musl");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("vm: building the static guest-agent ({MUSL_TARGET}) into target/vm-musl");
+    super::report(format_args!(
+        "vm: building the static guest-agent ({MUSL_TARGET}) into target/vm-musl"
+    ));
     run(Command::new(cargo)
         .args([
             "build",

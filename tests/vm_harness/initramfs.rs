@@ -73,11 +73,11 @@ fn build(assets: &Assets) -> Result<PathBuf, String> {
         fs::write(&tmp, &bytes).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
         fs::rename(&tmp, &image).map_err(|e| format!("cannot write {}: {e}", image.display()))?;
     }
-    eprintln!(
+    super::report(format_args!(
         "vm: initramfs {} with modules {}",
         image.display(),
         names.join(" ")
-    );
+    ));
     Ok(image)
 }
 
@@ -216,6 +216,7 @@ ip link set eth0 up || say no-eth0
 say boot scenario=$scenario uptime=$(uptime_now)
 
 net_up() {
+    say dhcp-start uptime=$(uptime_now)
     if udhcpc -i eth0 -n -q -t 20 -T 1 -s /etc/udhcpc.script >/tmp/udhcpc.log 2>&1; then
         say net-up uptime=$(uptime_now) ip=$(ip -4 -o addr show eth0 | awk '{print $4}')
     else

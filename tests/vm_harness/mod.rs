@@ -42,10 +42,19 @@ pub fn ready(test: &str) -> Option<Ready> {
             )
         }
         Err(why) => {
-            eprintln!("{test}: SKIPPED, VM prerequisites missing: {why}");
+            report(format_args!(
+                "{test}: SKIPPED, VM prerequisites missing: {why}"
+            ));
             None
         }
     }
+}
+
+/// Prints a line on the process's stderr directly, past the test harness's
+/// output capture: skips and timings show in a plain `cargo test` run.
+pub fn report(line: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 /// The samples of all requests so far, in arrival order, duplicates (the

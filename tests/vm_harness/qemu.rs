@@ -195,7 +195,7 @@ fn host_tsc_khz() -> u64 {
         std::thread::sleep(Duration::from_millis(200));
         let (c1, t1) = (tsc(), Instant::now());
         let khz = (c1 - c0) as f64 / t1.duration_since(t0).as_secs_f64() / 1000.0;
-        eprintln!("vm: host TSC {:.3} MHz", khz / 1000.0);
+        super::report(format_args!("vm: host TSC {:.3} MHz", khz / 1000.0));
         khz.round() as u64
     })
 }
