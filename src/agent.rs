@@ -1,6 +1,7 @@
 //! The running agent: collection on a fixed cadence on the monotonic clock,
 //! the sender and the listener on their own threads, and shutdown.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ pub struct Running {
     stop: Arc<Stop>,
     collector: Option<JoinHandle<()>>,
     sender: Option<JoinHandle<()>>,
+    listener: Option<crate::listener::Listener>,
 }
 
 /// Starts collecting (first sample at once), pushing and listening.
@@ -28,6 +30,13 @@ pub fn start(config: Config) -> Result<Running> {
     // name is looked up later by the sender.
     shared.status().guest_ip = crate::cli::guest_ip(&config);
     let stop = Arc::new(Stop::new());
+
+    // A listener that cannot bind (port taken) must not stop pushing.
+    let listener = config.listen.and_then(|addr| {
+        crate::listener::spawn(addr, shared.clone())
+            .map_err(|e| log::error!("listener: {e}; going on without it"))
+            .ok()
+    });
 
     let spawn_err = |what: &str, e: std::io::Error| Error::Network {
         target: what.to_string(),
@@ -67,6 +76,7 @@ pub fn start(config: Config) -> Result<Running> {
         stop,
         collector: Some(collector),
         sender,
+        listener,
     })
 }
 
@@ -74,6 +84,11 @@ impl Running {
     /// The state shared with the listener.
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// The listener's bound address, if it runs.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listener.as_ref().map(|l| l.local_addr())
     }
 
     /// The stop handle: triggering it ends collection.
@@ -95,6 +110,9 @@ impl Running {
         self.shared.buffer.close();
         if let Some(t) = self.sender.take() {
             let _ = t.join();
+        }
+        if let Some(l) = self.listener.take() {
+            l.stop();
         }
     }
 }
@@ -120,19 +138,10 @@ fn collect_loop(mut collector: Collector, shared: &Shared, stop: &Stop, interval
         let mut sample = collector.collect();
         sample.seq = seq;
         sample.guest_ip = shared.status().guest_ip.clone();
-        let sample = shared.buffer.push(sample);
-        let changed = collector.take_failures_changed();
-        let mut st = shared.status();
-        st.latest = Some(sample);
-        st.last_sample_at = Some(Instant::now());
-        if changed {
-            st.collector_errors = collector
-                .failures()
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect();
-        }
-        drop(st);
+        let errors = collector
+            .take_failures_changed()
+            .then(|| collector.failures());
+        shared.record(sample, errors);
 
         next += interval;
         let now = Instant::now();

@@ -98,6 +98,21 @@ impl Shared {
         self.status.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Queues a freshly collected sample and makes it the latest; `errors`,
+    /// when given, replaces the failing sources shown in `/health`.
+    pub fn record(&self, sample: Sample, errors: Option<&BTreeMap<&'static str, String>>) {
+        let sample = self.buffer.push(sample);
+        let mut st = self.status();
+        st.latest = Some(sample);
+        st.last_sample_at = Some(Instant::now());
+        if let Some(errors) = errors {
+            st.collector_errors = errors
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect();
+        }
+    }
+
     /// The latest sample, if one was collected.
     pub fn latest(&self) -> Option<Arc<Sample>> {
         self.status().latest.clone()
