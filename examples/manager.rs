@@ -135,6 +135,7 @@ impl Options {
 /// What every connection thread shares.
 struct Shared {
     token: Option<String>,
+    sink: Sink,
     store: Mutex<Store>,
 }
 
@@ -145,7 +146,41 @@ struct Store {
     ndjson: Option<File>,
 }
 
+/// Where each new (de-duplicated, stored) sample goes besides the NDJSON
+/// file: the command prints a line, the demo draws a table.
+pub type Sink = Box<dyn Fn(&Sample) + Send + Sync>;
+
 fn run(opts: Options) -> Result<(), String> {
+    let (listener, shared) = open(opts, Box::new(print_summary))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the bound address: {e}"))?;
+    println!("listening on {addr}");
+    accept_loop(listener, shared);
+    Ok(())
+}
+
+/// Starts a receiver on `listen` on its own thread, giving every new sample
+/// to `sink`; returns the bound address (for the demo, in-process).
+pub fn spawn(listen: SocketAddr, sink: Sink) -> Result<SocketAddr, String> {
+    let opts = Options {
+        listen,
+        ndjson: None,
+        token: None,
+    };
+    let (listener, shared) = open(opts, sink)?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the bound address: {e}"))?;
+    std::thread::Builder::new()
+        .name("manager".into())
+        .spawn(move || accept_loop(listener, shared))
+        .map_err(|e| format!("cannot start the receiver thread: {e}"))?;
+    Ok(addr)
+}
+
+/// Opens the NDJSON file and binds the listener.
+fn open(opts: Options, sink: Sink) -> Result<(TcpListener, Arc<Shared>), String> {
     let ndjson = match &opts.ndjson {
         Some(path) => Some(
             OpenOptions::new()
@@ -158,17 +193,19 @@ fn run(opts: Options) -> Result<(), String> {
     };
     let listener = TcpListener::bind(opts.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| format!("cannot read the bound address: {e}"))?;
-    println!("listening on {addr}");
     let shared = Arc::new(Shared {
         token: opts.token,
+        sink,
         store: Mutex::new(Store {
             dedup: Dedup::default(),
             ndjson,
         }),
     });
+    Ok((listener, shared))
+}
+
+/// Serves connections until the process ends.
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let open = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
         let stream = match conn {
@@ -204,7 +241,6 @@ fn run(opts: Options) -> Result<(), String> {
             eprintln!("manager: cannot start a connection thread: {e}");
         }
     }
-    Ok(())
 }
 
 /// Holds one of the [`MAX_CONNECTIONS`] places until dropped.
@@ -532,12 +568,16 @@ fn ingest(body: &[u8], shared: &Shared) -> Reply {
     for s in &fresh {
         store.dedup.mark(&s.run_id, s.seq);
     }
-    let mut out = io::stdout().lock();
     for s in &fresh {
-        // A closed stdout must not stop ingestion: the line is only a view.
-        let _ = writeln!(out, "{}", summary(s));
+        (shared.sink)(s);
     }
     Reply::no_content()
+}
+
+/// Prints one compact line per sample. A closed stdout must not stop
+/// ingestion: the line is only a view.
+fn print_summary(s: &Sample) {
+    let _ = writeln!(io::stdout().lock(), "{}", summary(s));
 }
 
 /// One compact line: vm, seq, cpu%, mem%, load.

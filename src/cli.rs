@@ -31,13 +31,12 @@ pub fn main_with(args: &[String], env: &[(String, String)]) -> i32 {
 fn run(args: &[String], env: &[(String, String)]) -> Result<i32> {
     let args = config::cli::parse(args)?;
     match args.action {
-        Action::Help => {
-            print!("{}", config::cli::help());
-            return Ok(0);
-        }
+        Action::Help => return Ok(print_out(&config::cli::help())),
         Action::Version => {
-            println!("guest-agent {}", crate::AGENT_VERSION);
-            return Ok(0);
+            return Ok(print_out(&format!(
+                "guest-agent {}\n",
+                crate::AGENT_VERSION
+            )));
         }
         _ => {}
     }
@@ -53,17 +52,30 @@ fn run(args: &[String], env: &[(String, String)]) -> Result<i32> {
         Action::PrintConfig => {
             let text = serde_json::to_string_pretty(&config.to_json())
                 .map_err(|e| Error::Usage(e.to_string()))?;
-            println!("{text}");
-            Ok(0)
+            Ok(print_out(&format!("{text}\n")))
         }
         Action::Once => {
             let sample = once(&config)?;
             let text =
                 serde_json::to_string_pretty(&sample).map_err(|e| Error::Usage(e.to_string()))?;
-            println!("{text}");
-            Ok(0)
+            Ok(print_out(&format!("{text}\n")))
         }
         _ => crate::agent::run(config).map(|()| 0),
+    }
+}
+
+/// Writes `text` to stdout; returns the exit code. A reader that went away
+/// (`guest-agent --print-config | head -1`) is not an error worth a panic.
+fn print_out(text: &str) -> i32 {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => 0,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
+        Err(e) => {
+            eprintln!("guest-agent: writing to stdout: {e}");
+            1
+        }
     }
 }
 

@@ -26,6 +26,10 @@ use crate::stop::Stop;
 pub const FAILURE_SUMMARY_EVERY: Duration = Duration::from_secs(60);
 /// Most bytes of a response body read (and discarded) to keep the connection reusable.
 pub const MAX_RESPONSE_BODY: u64 = 64 * 1024;
+/// How often the route table is read again while there is no default route:
+/// reading it costs microseconds, and the first samples should go out as soon
+/// as DHCP has run.
+pub const NO_ROUTE_POLL: Duration = Duration::from_secs(1);
 /// Shortest time left worth a final request at shutdown.
 const MIN_FLUSH_REQUEST: Duration = Duration::from_millis(50);
 
@@ -158,6 +162,8 @@ impl Sender {
         self.target.clone()
     }
 
+    /// Waiting for a default route is not a failure of the manager: no
+    /// backoff, the route table is simply read again soon.
     fn no_route_delay(&mut self) -> Option<Duration> {
         if !self.reported_no_route {
             log::warn!(
@@ -171,11 +177,7 @@ impl Sender {
         st.last_error = Some("no default route".into());
         drop(st);
         self.resolve_again = true;
-        Some(
-            self.backoff
-                .next_delay(None)
-                .max(Duration::from_millis(250)),
-        )
+        Some(NO_ROUTE_POLL)
     }
 
     /// One POST of `batch` to `url`.

@@ -13,58 +13,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use guest_agent::{Collector, Sample};
 
+mod common;
+use common::example_binary;
+
 /// Generous: a loaded CI machine may be slow to start a process.
 const DEADLINE: Duration = Duration::from_secs(30);
-
-fn example_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/manager_example-HASH → target/<profile>/examples/manager
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable is in target/<profile>/deps");
-    let bin = dir.join("examples").join("manager");
-    let built = std::fs::metadata(&bin)
-        .and_then(|m| m.modified())
-        .unwrap_or_else(|e| panic!("{}: {e}; {REBUILD}", bin.display()));
-    // `cargo test --test manager_example` alone does not rebuild examples:
-    // refuse to test an old binary against newer sources.
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    if let Some(newer) = newest_source(&[root.join("examples/manager.rs"), root.join("src")])
-        .filter(|(t, _)| *t > built)
-    {
-        panic!(
-            "{} is older than {}; {REBUILD}",
-            bin.display(),
-            newer.1.display()
-        );
-    }
-    bin
-}
-
-const REBUILD: &str =
-    "run the whole `cargo test` (which builds examples) or `cargo build --example manager`";
-
-/// The most recently modified file among `paths` (directories walked).
-fn newest_source(paths: &[PathBuf]) -> Option<(SystemTime, PathBuf)> {
-    let mut newest: Option<(SystemTime, PathBuf)> = None;
-    let mut todo = paths.to_vec();
-    while let Some(p) = todo.pop() {
-        let Ok(meta) = std::fs::metadata(&p) else {
-            continue;
-        };
-        if meta.is_dir() {
-            if let Ok(entries) = std::fs::read_dir(&p) {
-                todo.extend(entries.flatten().map(|e| e.path()));
-            }
-        } else if let Ok(t) = meta.modified()
-            && newest.as_ref().is_none_or(|(n, _)| t > *n)
-        {
-            newest = Some((t, p));
-        }
-    }
-    newest
-}
 
 /// A running manager; killed when dropped.
 struct Manager {
@@ -75,7 +28,7 @@ struct Manager {
 
 impl Manager {
     fn start(extra: &[&str]) -> Manager {
-        let mut child = Command::new(example_binary())
+        let mut child = Command::new(example_binary("manager"))
             .args(["--listen", "127.0.0.1:0"])
             .args(extra)
             .stdout(Stdio::piped())
@@ -471,7 +424,7 @@ fn ureq_client_sees_204_and_400() {
 
 #[test]
 fn bad_arguments_exit_2() {
-    let out = Command::new(example_binary())
+    let out = Command::new(example_binary("manager"))
         .args(["--listen", "nowhere"])
         .output()
         .expect("run the manager example");

@@ -3,8 +3,9 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 use std::time::{Duration, Instant};
 
 use guest_agent::config::{self, Config};
@@ -243,4 +244,56 @@ pub fn config(pairs: &[(&'static str, &str)]) -> Config {
     cli.extend(pairs.iter().map(|(k, v)| (*k, v.to_string())));
     config::resolve(&cli, &[], Some(Path::new("/nonexistent/guest-agent.conf")))
         .expect("valid test config")
+}
+
+/// The built example `name` (`target/<profile>/examples/NAME`), refusing one
+/// older than its sources.
+pub fn example_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/TEST-HASH → target/<profile>/examples/NAME
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable is in target/<profile>/deps");
+    let bin = dir.join("examples").join(name);
+    let built = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| panic!("{}: {e}; {REBUILD}", bin.display()));
+    // `cargo test --test X` alone does not rebuild examples: refuse to test
+    // an old binary against newer sources.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if let Some(newer) =
+        newest_source(&[root.join("examples"), root.join("src")]).filter(|(t, _)| *t > built)
+    {
+        panic!(
+            "{} is older than {}; {REBUILD}",
+            bin.display(),
+            newer.1.display()
+        );
+    }
+    bin
+}
+
+const REBUILD: &str =
+    "run the whole `cargo test` (which builds examples) or `cargo build --examples`";
+
+/// The most recently modified file among `paths` (directories walked).
+fn newest_source(paths: &[PathBuf]) -> Option<(SystemTime, PathBuf)> {
+    let mut newest: Option<(SystemTime, PathBuf)> = None;
+    let mut todo = paths.to_vec();
+    while let Some(p) = todo.pop() {
+        let Ok(meta) = std::fs::metadata(&p) else {
+            continue;
+        };
+        if meta.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&p) {
+                todo.extend(entries.flatten().map(|e| e.path()));
+            }
+        } else if let Ok(t) = meta.modified()
+            && newest.as_ref().is_none_or(|(n, _)| t > *n)
+        {
+            newest = Some((t, p));
+        }
+    }
+    newest
 }
