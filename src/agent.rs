@@ -38,17 +38,16 @@ pub fn start(config: Config) -> Result<Running> {
             .ok()
     });
 
-    let spawn_err = |what: &str, e: std::io::Error| Error::Network {
-        target: what.to_string(),
-        reason: format!("cannot start thread: {e}"),
-    };
     let sender = match Sender::new(&config, shared.clone(), collector.run_id()) {
         Some(sender) => {
             let stop = stop.clone();
             let t = std::thread::Builder::new()
                 .name("push".into())
                 .spawn(move || sender.run(&stop))
-                .map_err(|e| spawn_err("push", e))?;
+                .map_err(|source| Error::Startup {
+                    what: "the push thread",
+                    source,
+                })?;
             Some(t)
         }
         None => None,
@@ -58,7 +57,10 @@ pub fn start(config: Config) -> Result<Running> {
     let collector = std::thread::Builder::new()
         .name("collect".into())
         .spawn(move || collect_loop(collector, &sh, &st, interval))
-        .map_err(|e| spawn_err("collect", e))?;
+        .map_err(|source| Error::Startup {
+            what: "the collection thread",
+            source,
+        })?;
     log::info!(
         "guest-agent {} started: every {}, {}",
         crate::AGENT_VERSION,
@@ -158,11 +160,12 @@ fn collect_loop(mut collector: Collector, shared: &Shared, stop: &Stop, interval
 /// Runs until SIGTERM or SIGINT, then stops as [`Running::stop`] does.
 pub fn run(config: Config) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(|e| Error::Network {
-            target: "signals".into(),
-            reason: e.to_string(),
-        })?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(|source| {
+        Error::Startup {
+            what: "the SIGTERM/SIGINT handler",
+            source,
+        }
+    })?;
     let running = start(config)?;
     if let Some(sig) = signals.forever().next() {
         log::info!(

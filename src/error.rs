@@ -37,6 +37,13 @@ pub enum Error {
     },
     /// The command line itself was malformed (unknown flag, missing value).
     Usage(String),
+    /// The agent could not set itself up (a thread, a signal handler).
+    Startup {
+        /// What was being set up.
+        what: &'static str,
+        /// What the OS said.
+        source: std::io::Error,
+    },
     /// A network operation failed.
     Network {
         /// The URL or address involved.
@@ -58,6 +65,7 @@ impl fmt::Display for Error {
                 expected,
             } => write!(f, "{source}: invalid {key}={value:?}: expected {expected}"),
             Error::Usage(msg) => write!(f, "{msg}"),
+            Error::Startup { what, source } => write!(f, "cannot start {what}: {source}"),
             Error::Network { target, reason } => write!(f, "{target}: {reason}"),
         }
     }
@@ -66,7 +74,7 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Read { source, .. } => Some(source),
+            Error::Read { source, .. } | Error::Startup { source, .. } => Some(source),
             _ => None,
         }
     }
