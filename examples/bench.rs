@@ -454,12 +454,13 @@ fn per_source(n: usize) -> Res<(Vec<SourceRow>, Totals)> {
         file_source(n, "hostname", "sys/kernel/hostname", identity::parse_line)?,
     ];
     let proc = Path::new("/proc");
-    processes::count(proc)?;
+    let mut counter = processes::ProcessCounter::new(proc);
+    counter.count()?;
     rows.push(SourceRow {
-        name: "process count (readdir)",
+        name: "process count (readdir, kept open)",
         read: None,
         parsed: measure(n, || {
-            let _ = black_box(processes::count(proc));
+            let _ = black_box(counter.count());
         }),
         bytes: None,
     });
@@ -498,6 +499,8 @@ fn per_source(n: usize) -> Res<(Vec<SourceRow>, Totals)> {
 struct SampleFigures {
     collect: Timed,
     collect_encode: Timed,
+    /// One pre-collected sample encoded and sent again: the HTTP part alone.
+    send_only: Timed,
     push: Timed,
     /// Receiver CPU per request, µs (mean).
     receiver_cpu: f64,
@@ -571,6 +574,12 @@ fn whole_sample(n: usize) -> Res<SampleFigures> {
         other => return Err(format!("push to the loopback receiver failed: {other:?}").into()),
     }
     let failures = AtomicU64::new(0);
+    let fixed = [Arc::new(c.collect())];
+    let send_only = measure(n, || {
+        if lp.sender.send(&lp.url, &fixed, None) != Outcome::Delivered {
+            failures.fetch_add(1, Ordering::SeqCst);
+        }
+    });
     let (req0, cpu0, bytes0) = (
         receiver.stats.requests.load(Ordering::SeqCst),
         receiver.stats.cpu_ns.load(Ordering::SeqCst),
@@ -598,6 +607,7 @@ fn whole_sample(n: usize) -> Res<SampleFigures> {
     Ok(SampleFigures {
         collect,
         collect_encode,
+        send_only,
         push,
         receiver_cpu,
         body_bytes,
@@ -1194,6 +1204,10 @@ fn run(o: &Opts, tmp: &Path) -> Res<()> {
     };
     p(row("collect (real /proc)", &whole.collect));
     p(row("collect + encode (JSON)", &whole.collect_encode));
+    p(row(
+        "encode + push of one sample alone (the HTTP part)",
+        &whole.send_only,
+    ));
     p(row(
         "**collect + encode + push** (keep-alive, loopback, 204)",
         &whole.push,
