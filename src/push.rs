@@ -9,7 +9,7 @@
 //! have moved it. Logging follows state changes plus a periodic summary, so a
 //! long outage does not flood the log.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +21,8 @@ use crate::encode;
 use crate::route::{self, UrlTemplate};
 use crate::status::{PushState, Shared};
 use crate::stop::Stop;
+use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 
 /// How often a still-failing delivery is summarised in the log.
 pub const FAILURE_SUMMARY_EVERY: Duration = Duration::from_secs(60);
@@ -73,7 +75,7 @@ impl Sender {
     /// A sender for `config`'s URL; `None` when pushing is off.
     pub fn new(config: &Config, shared: Arc<Shared>, seed: &str) -> Option<Sender> {
         let template = config.url.clone()?;
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        let agent_config = ureq::Agent::config_builder()
             .timeout_global(Some(config.timeout))
             .http_status_as_error(false)
             // Samples go to the manager and nowhere else: no proxy from the
@@ -81,8 +83,12 @@ impl Sender {
             .proxy(None)
             .max_redirects(0)
             .user_agent(format!("guest-agent/{}", crate::AGENT_VERSION))
-            .build()
-            .into();
+            .build();
+        let agent = ureq::Agent::with_parts(
+            agent_config,
+            DefaultConnector::new(),
+            LiteralResolver::default(),
+        );
         Some(Sender {
             shared,
             agent,
@@ -355,6 +361,48 @@ impl Sender {
     }
 }
 
+/// Resolves an address-literal host (the gateway's address, the usual
+/// target) at once, and hands a host name to ureq's own resolver.
+///
+/// With a timeout set, ureq's resolver looks every name up on a new thread,
+/// even an address literal, and even when the request then reuses a pooled
+/// connection: a thread spawned per push cost more CPU than collecting the
+/// whole sample (examples/bench.rs). A host name keeps that behaviour, since
+/// a lookup can block for longer than the timeout.
+#[derive(Debug, Default)]
+struct LiteralResolver(DefaultResolver);
+
+impl Resolver for LiteralResolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let literal = uri.host().and_then(|h| {
+            // An IPv6 literal keeps its brackets in the URI's host.
+            let h = h
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .unwrap_or(h);
+            h.parse::<IpAddr>().ok()
+        });
+        let port = uri.port_u16().or(match uri.scheme_str() {
+            Some("http") => Some(80),
+            Some("https") => Some(443),
+            _ => None,
+        });
+        match (literal, port) {
+            (Some(ip), Some(port)) => {
+                let mut addrs = self.0.empty();
+                addrs.push(SocketAddr::new(ip, port));
+                Ok(addrs)
+            }
+            _ => self.0.resolve(uri, config, timeout),
+        }
+    }
+}
+
 /// The guest's source address toward a resolved URL. A host name is looked
 /// up here, on the sender's thread, as the request itself would.
 fn source_ip(url: &str) -> Option<String> {
@@ -363,4 +411,54 @@ fn source_ip(url: &str) -> Option<String> {
         None => route::host_port(url)?.to_socket_addrs().ok()?.next()?,
     };
     route::source_address(target).ok().map(|ip| ip.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ureq::unversioned::transport::time::Duration as UreqDuration;
+
+    fn resolve(url: &str) -> Vec<SocketAddr> {
+        let uri: ureq::http::Uri = url.parse().unwrap();
+        let timeout = NextTimeout {
+            after: UreqDuration::NotHappening,
+            reason: ureq::Timeout::Global,
+            per_read: None,
+            per_write: None,
+        };
+        let config = ureq::config::Config::default();
+        LiteralResolver::default()
+            .resolve(&uri, &config, timeout)
+            .unwrap()
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    #[test]
+    fn address_literals_resolve_to_themselves() {
+        assert_eq!(
+            resolve("http://10.0.2.2:18080/v1/guest-metrics"),
+            vec!["10.0.2.2:18080".parse().unwrap()]
+        );
+        assert_eq!(
+            resolve("http://10.0.2.2/v1/guest-metrics"),
+            vec!["10.0.2.2:80".parse().unwrap()]
+        );
+        assert_eq!(
+            resolve("http://[fd00::1]:18080/x"),
+            vec!["[fd00::1]:18080".parse().unwrap()]
+        );
+    }
+
+    #[test]
+    fn host_names_go_to_the_system_resolver() {
+        let addrs = resolve("http://localhost:18080/x");
+        assert!(!addrs.is_empty());
+        assert!(
+            addrs
+                .iter()
+                .all(|a| a.ip().is_loopback() && a.port() == 18080)
+        );
+    }
 }

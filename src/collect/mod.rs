@@ -56,6 +56,7 @@ pub struct Collector {
     diskstats: ProcFile,
     psi: [ProcFile; 3],
     hostname: ProcFile,
+    processes: processes::ProcessCounter,
     boot_id: Option<String>,
     run_id: String,
     vm_id: Option<String>,
@@ -91,6 +92,7 @@ impl Collector {
                 ProcFile::new(proc_root, "pressure/io"),
             ],
             hostname: ProcFile::new(proc_root, "sys/kernel/hostname"),
+            processes: processes::ProcessCounter::new(proc_root),
             boot_id,
             run_id,
             vm_id,
@@ -163,7 +165,7 @@ impl Collector {
         }
         let hostname = self.hostname.parse(identity::parse_line);
         let hostname = self.note("hostname", hostname);
-        let procs = processes::count(&self.root).map_err(|source| Error::Read {
+        let procs = self.processes.count().map_err(|source| Error::Read {
             path: self.root.clone(),
             source,
         });

@@ -1,0 +1,1462 @@
+//! The benchmark of GUIDE §7: CPU per sample, per /proc source, beside
+//! `prometheus-node-exporter`, resident memory, and binary size, on this
+//! machine, in one run. Prints Markdown tables for the README.
+//!
+//! ```text
+//! cargo build --release            # the agent binary the memory figures run
+//! cargo run --release --example bench [-- --quick] [--samples N] [--scrapes N] [--long N]
+//! ```
+//!
+//! CPU figures are the calling thread's CPU clock (`CLOCK_THREAD_CPUTIME_ID`)
+//! around each iteration, so a loopback receiver's work is counted apart.
+//! All traffic stays on 127.0.0.1; every thread and process started here is
+//! stopped when the run ends, or when it fails (kill on drop).
+
+use std::error::Error;
+use std::hint::black_box;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use guest_agent::buffer::Buffer;
+use guest_agent::collect::{
+    ProcFile, diskstats, filesystem, identity, loadavg, meminfo, net_dev, pressure, processes,
+    stat, uptime,
+};
+use guest_agent::config::{self, Format};
+use guest_agent::push::{Outcome, Sender};
+use guest_agent::status::Shared;
+use guest_agent::{Collector, Sample, encode};
+
+type Res<T> = Result<T, Box<dyn Error>>;
+
+const NODE_EXPORTER: &str = "/usr/bin/prometheus-node-exporter";
+/// The shortest interval the agent accepts; the memory children run at it.
+const CHILD_INTERVAL: Duration = Duration::from_millis(100);
+/// The default buffer (GUIDE §4), filled by the outage child.
+const BUFFER: usize = 1000;
+const MIB: f64 = 1024.0 * 1024.0;
+
+const USAGE: &str = "usage: bench [--quick] [--samples N] [--scrapes N] [--long N] [--only WHAT]
+  --quick       shorter run (about 30 s): fewer iterations, a short memory-growth loop
+  --samples N   timed iterations per CPU figure (default 5000; quick 1000)
+  --scrapes N   node_exporter scrapes (default 500; quick 100)
+  --long N      iterations of the in-process memory-growth loop (default 200000, about
+                50 s; quick 10000); --long 1000000 for GUIDE §7's million samples (about 4 min)
+  --only WHAT   run one loop of --samples iterations and print its figure, for a
+                profiler (perf record, valgrind --tool=callgrind): collect, encode, push";
+
+struct Opts {
+    samples: usize,
+    scrapes: usize,
+    long: u64,
+    /// Samples each agent child collects before its last memory reading.
+    child_samples: u64,
+    only: Option<String>,
+}
+
+fn opts() -> Res<Opts> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let mut o = Opts {
+        samples: if quick { 1000 } else { 5000 },
+        scrapes: if quick { 100 } else { 500 },
+        long: if quick { 10_000 } else { 200_000 },
+        child_samples: if quick { 50 } else { 1000 },
+        only: None,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut num = |name: &str| -> Res<u64> {
+            let v = it.next().ok_or(format!("{name} needs a number"))?;
+            Ok(v.parse()
+                .map_err(|_| format!("{name}: {v:?} is not a number"))?)
+        };
+        match a.as_str() {
+            "--quick" => {}
+            "--samples" => o.samples = num("--samples")?.max(10) as usize,
+            "--scrapes" => o.scrapes = num("--scrapes")?.max(10) as usize,
+            "--long" => o.long = num("--long")?.max(1000),
+            "--only" => o.only = Some(it.next().ok_or("--only needs a loop name")?.clone()),
+            "--bench" => {} // passed by `cargo bench`-style runners
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}").into()),
+        }
+    }
+    Ok(o)
+}
+
+// ---------------------------------------------------------------- timing
+
+/// This thread's CPU time, ns.
+fn thread_cpu_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// Median, p99 and mean of per-iteration figures, µs.
+#[derive(Clone, Copy, Default)]
+struct Dist {
+    median: f64,
+    p99: f64,
+    mean: f64,
+}
+
+impl Dist {
+    fn of(mut ns: Vec<u64>) -> Dist {
+        if ns.is_empty() {
+            return Dist::default();
+        }
+        ns.sort_unstable();
+        let at = |q: usize| ns[(ns.len() * q / 100).min(ns.len() - 1)] as f64 / 1000.0;
+        Dist {
+            median: at(50),
+            p99: at(99),
+            mean: ns.iter().sum::<u64>() as f64 / ns.len() as f64 / 1000.0,
+        }
+    }
+}
+
+/// Thread CPU and wall time of each of `n` calls of `f`, after `n / 10`
+/// untimed warm-up calls.
+struct Timed {
+    cpu: Dist,
+    wall: Dist,
+}
+
+fn measure(n: usize, mut f: impl FnMut()) -> Timed {
+    for _ in 0..n / 10 {
+        f();
+    }
+    let (mut cpu, mut wall) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n {
+        let w0 = Instant::now();
+        let c0 = thread_cpu_ns();
+        f();
+        let c1 = thread_cpu_ns();
+        wall.push(w0.elapsed().as_nanos() as u64);
+        cpu.push(c1.saturating_sub(c0));
+    }
+    Timed {
+        cpu: Dist::of(cpu),
+        wall: Dist::of(wall),
+    }
+}
+
+// ---------------------------------------------------------------- receiver
+
+/// What a receiver has seen.
+#[derive(Default)]
+struct RecvStats {
+    requests: AtomicU64,
+    samples: AtomicU64,
+    body_bytes: AtomicU64,
+    /// CPU time of the connection threads, ns (reading, parsing, answering).
+    cpu_ns: AtomicU64,
+}
+
+/// A minimal HTTP/1.1 keep-alive receiver on 127.0.0.1 answering every POST
+/// with 204, as a manager that accepts everything would.
+struct Receiver {
+    addr: SocketAddr,
+    stats: Arc<RecvStats>,
+    stop: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl Receiver {
+    /// `count_samples`: count the samples of each body (for the agent
+    /// children); off where the receiver's own CPU should stay minimal.
+    fn start(count_samples: bool) -> Res<Receiver> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let stats = Arc::new(RecvStats::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let threads: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let (st, sp, cs, ts) = (stats.clone(), stop.clone(), conns.clone(), threads.clone());
+        let accept = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if sp.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let _ = conn.set_nodelay(true);
+                if let Ok(c) = conn.try_clone()
+                    && let Ok(mut v) = cs.lock()
+                {
+                    v.push(c);
+                }
+                let st = st.clone();
+                let t = std::thread::spawn(move || serve(conn, &st, count_samples));
+                if let Ok(mut v) = ts.lock() {
+                    v.push(t);
+                }
+            }
+        });
+        Ok(Receiver {
+            addr,
+            stats,
+            stop,
+            conns,
+            threads,
+            accept: Some(accept),
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/v1/guest-metrics", self.addr)
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop, then end every connection.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        if let Ok(v) = self.conns.lock() {
+            for c in v.iter() {
+                let _ = c.shutdown(Shutdown::Both);
+            }
+        }
+        let threads = self.threads.lock().map(|mut v| std::mem::take(&mut *v));
+        for t in threads.unwrap_or_default() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(mut conn: TcpStream, stats: &RecvStats, count_samples: bool) {
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut chunk = [0u8; 64 * 1024];
+    let mut last_cpu = thread_cpu_ns();
+    loop {
+        // One request: head, then Content-Length bytes of body.
+        let (head_len, body_len) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut req = httparse::Request::new(&mut headers);
+            match req.parse(&buf) {
+                Ok(httparse::Status::Complete(head_len)) => {
+                    let mut len = 0;
+                    for h in req.headers.iter() {
+                        if h.name.eq_ignore_ascii_case("content-length") {
+                            len = std::str::from_utf8(h.value)
+                                .ok()
+                                .and_then(|v| v.trim().parse().ok())
+                                .unwrap_or(0);
+                        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                            // Not needed by the agent; refuse rather than misread.
+                            let _ = conn.write_all(
+                                b"HTTP/1.1 411 Length Required\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                            );
+                            return;
+                        }
+                    }
+                    break (head_len, len);
+                }
+                Ok(httparse::Status::Partial) => match conn.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                },
+                Err(_) => return,
+            }
+        };
+        while buf.len() < head_len + body_len {
+            match conn.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body = &buf[head_len..head_len + body_len];
+        if count_samples {
+            let n = body.windows(6).filter(|w| w == b"\"seq\":").count();
+            stats.samples.fetch_add(n as u64, Ordering::SeqCst);
+        }
+        stats
+            .body_bytes
+            .fetch_add(body_len as u64, Ordering::SeqCst);
+        buf.drain(..head_len + body_len);
+        if conn
+            .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+            .is_err()
+        {
+            return;
+        }
+        stats.requests.fetch_add(1, Ordering::SeqCst);
+        let now = thread_cpu_ns();
+        stats.cpu_ns.fetch_add(now - last_cpu, Ordering::SeqCst);
+        last_cpu = now;
+    }
+}
+
+/// A loopback port with nothing listening (bound, then released).
+fn dead_port() -> Res<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+// ---------------------------------------------------------------- processes
+
+/// A child process killed and reaped when dropped.
+struct Spawned {
+    child: Child,
+    what: String,
+}
+
+impl Spawned {
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Fails if the process has already exited.
+    fn check_alive(&mut self) -> Res<()> {
+        match self.child.try_wait()? {
+            Some(status) => Err(format!("{} exited early: {status}", self.what).into()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(what: &str, cmd: &mut Command, log: &Path) -> Res<Spawned> {
+    let log = std::fs::File::create(log)?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot start {what}: {e}"))?;
+    Ok(Spawned {
+        child,
+        what: what.to_string(),
+    })
+}
+
+/// VmRSS and VmHWM of a process, KiB.
+fn rss_kib(pid: i32) -> Res<(u64, u64)> {
+    let st = procfs::process::Process::new(pid)?.status()?;
+    Ok((st.vmrss.unwrap_or(0), st.vmhwm.unwrap_or(0)))
+}
+
+fn self_rss_kib() -> Res<u64> {
+    Ok(rss_kib(std::process::id() as i32)?.0)
+}
+
+/// utime + stime of a process, clock ticks.
+fn cpu_ticks(pid: i32) -> Res<u64> {
+    let st = procfs::process::Process::new(pid)?.stat()?;
+    Ok(st.utime + st.stime)
+}
+
+/// Polls `pred` every 20 ms until it holds or `limit` passes.
+fn wait_for(limit: Duration, mut pred: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while !pred() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+// ---------------------------------------------------------------- per source
+
+struct SourceRow {
+    name: &'static str,
+    read: Option<Timed>,
+    parsed: Timed,
+    /// The text's size, bytes (files only).
+    bytes: Option<usize>,
+}
+
+/// A /proc file kept open: read only, then read + parse with the
+/// collector's own parse function.
+fn file_source<T>(
+    n: usize,
+    name: &'static str,
+    rel: &str,
+    parse: fn(&[u8]) -> Result<T, procfs::ProcError>,
+) -> Res<SourceRow> {
+    let root = Path::new("/proc");
+    let mut f = ProcFile::new(root, rel);
+    let bytes = f.read().map_err(|e| format!("{name}: {e}"))?.len();
+    f.parse(parse).map_err(|e| format!("{name}: {e}"))?;
+    let read = measure(n, || {
+        let _ = black_box(f.read().map(|b| b.len()));
+    });
+    let parsed = measure(n, || {
+        let _ = black_box(f.parse(parse));
+    });
+    Ok(SourceRow {
+        name,
+        read: Some(read),
+        parsed,
+        bytes: Some(bytes),
+    })
+}
+
+const NINE_FILES: [&str; 9] = [
+    "stat",
+    "meminfo",
+    "loadavg",
+    "uptime",
+    "net/dev",
+    "diskstats",
+    "pressure/cpu",
+    "pressure/memory",
+    "pressure/io",
+];
+
+/// Named aggregate rows (several sources in one timed iteration).
+type Totals = Vec<(String, Timed)>;
+
+fn per_source(n: usize) -> Res<(Vec<SourceRow>, Totals)> {
+    let mut rows = vec![
+        file_source(n, "stat", "stat", stat::parse)?,
+        file_source(n, "meminfo", "meminfo", meminfo::parse)?,
+        file_source(n, "loadavg", "loadavg", loadavg::parse)?,
+        file_source(n, "uptime", "uptime", uptime::parse)?,
+        file_source(n, "net/dev", "net/dev", net_dev::parse)?,
+        file_source(n, "diskstats", "diskstats", diskstats::parse)?,
+        file_source(
+            n,
+            "pressure/cpu",
+            "pressure/cpu",
+            pressure::parse_some_avg10,
+        )?,
+        file_source(
+            n,
+            "pressure/memory",
+            "pressure/memory",
+            pressure::parse_some_avg10,
+        )?,
+        file_source(n, "pressure/io", "pressure/io", pressure::parse_some_avg10)?,
+        file_source(n, "hostname", "sys/kernel/hostname", identity::parse_line)?,
+    ];
+    let proc = Path::new("/proc");
+    let mut counter = processes::ProcessCounter::new(proc);
+    counter.count()?;
+    rows.push(SourceRow {
+        name: "process count (readdir, kept open)",
+        read: None,
+        parsed: measure(n, || {
+            let _ = black_box(counter.count());
+        }),
+        bytes: None,
+    });
+    filesystem::usage(Path::new("/"))?;
+    rows.push(SourceRow {
+        name: "filesystem (statvfs /)",
+        read: None,
+        parsed: measure(n, || {
+            let _ = black_box(filesystem::usage(Path::new("/")));
+        }),
+        bytes: None,
+    });
+
+    // The nine files together: kept open vs opened anew (GUIDE §7).
+    let mut files: Vec<ProcFile> = NINE_FILES.iter().map(|r| ProcFile::new(proc, r)).collect();
+    let paths: Vec<PathBuf> = NINE_FILES.iter().map(|r| proc.join(r)).collect();
+    let kept = measure(n, || {
+        for f in files.iter_mut() {
+            let _ = black_box(f.read().map(|b| b.len()));
+        }
+    });
+    let anew = measure(n, || {
+        for p in &paths {
+            let _ = black_box(std::fs::read(p));
+        }
+    });
+    let totals = vec![
+        ("the 9 files, kept open, read only".to_string(), kept),
+        ("the 9 files, opened anew each time".to_string(), anew),
+    ];
+    Ok((rows, totals))
+}
+
+// ---------------------------------------------------------------- whole sample
+
+struct SampleFigures {
+    collect: Timed,
+    collect_encode: Timed,
+    /// One pre-collected sample encoded and sent again: the HTTP part alone.
+    send_only: Timed,
+    push: Timed,
+    /// Receiver CPU per request, µs (mean).
+    receiver_cpu: f64,
+    body_bytes: f64,
+    timer: Timed,
+}
+
+fn push_config(url: &str) -> Res<config::Config> {
+    let cli: Vec<(&'static str, String)> = vec![
+        ("url", url.to_string()),
+        ("listen", "off".into()),
+        ("log", "warn".into()),
+    ];
+    Ok(config::resolve(
+        &cli,
+        &[],
+        Some(Path::new("/nonexistent/guest-agent.conf")),
+    )?)
+}
+
+/// One collect + encode + push of a single sample, as the agent does at
+/// every interval when the manager keeps up.
+struct PushLoop {
+    collector: Collector,
+    sender: Sender,
+    url: String,
+    seq: u64,
+}
+
+impl PushLoop {
+    fn new(url: String) -> Res<PushLoop> {
+        let config = push_config(&url)?;
+        let collector = Collector::new(Path::new("/proc"), Some("bench".into()))?;
+        let shared = Shared::new(&config);
+        let sender =
+            Sender::new(&config, shared, collector.run_id()).ok_or("pushing is off in config")?;
+        Ok(PushLoop {
+            collector,
+            sender,
+            url,
+            seq: 0,
+        })
+    }
+
+    fn once(&mut self) -> Outcome {
+        self.seq += 1;
+        let mut s = self.collector.collect();
+        s.seq = self.seq;
+        let batch = [Arc::new(s)];
+        self.sender.send(&self.url, &batch, None)
+    }
+}
+
+fn whole_sample(n: usize) -> Res<SampleFigures> {
+    let timer = measure(n, || {});
+    let mut c = Collector::new(Path::new("/proc"), Some("bench".into()))?;
+    let collect = measure(n, || {
+        black_box(c.collect());
+    });
+    let mut body = Vec::with_capacity(64 * 1024);
+    let collect_encode = measure(n, || {
+        let s = Arc::new(c.collect());
+        encode::encode(&[s], Format::Json, &mut body);
+        black_box(&body);
+    });
+
+    let receiver = Receiver::start(false)?;
+    let mut lp = PushLoop::new(receiver.url())?;
+    match lp.once() {
+        Outcome::Delivered => {}
+        other => return Err(format!("push to the loopback receiver failed: {other:?}").into()),
+    }
+    let failures = AtomicU64::new(0);
+    let fixed = [Arc::new(c.collect())];
+    let send_only = measure(n, || {
+        if lp.sender.send(&lp.url, &fixed, None) != Outcome::Delivered {
+            failures.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let (req0, cpu0, bytes0) = (
+        receiver.stats.requests.load(Ordering::SeqCst),
+        receiver.stats.cpu_ns.load(Ordering::SeqCst),
+        receiver.stats.body_bytes.load(Ordering::SeqCst),
+    );
+    let push = measure(n, || {
+        if lp.once() != Outcome::Delivered {
+            failures.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let failures = failures.load(Ordering::SeqCst);
+    if failures > 0 {
+        return Err(format!("{failures} pushes to the loopback receiver failed").into());
+    }
+    // The receiver counts a request once answered; the last may lag a moment.
+    let want = req0 + (n + n / 10) as u64;
+    wait_for(Duration::from_secs(2), || {
+        receiver.stats.requests.load(Ordering::SeqCst) >= want
+    });
+    let reqs = receiver.stats.requests.load(Ordering::SeqCst) - req0;
+    let receiver_cpu =
+        (receiver.stats.cpu_ns.load(Ordering::SeqCst) - cpu0) as f64 / reqs.max(1) as f64 / 1000.0;
+    let body_bytes =
+        (receiver.stats.body_bytes.load(Ordering::SeqCst) - bytes0) as f64 / reqs.max(1) as f64;
+    Ok(SampleFigures {
+        collect,
+        collect_encode,
+        send_only,
+        push,
+        receiver_cpu,
+        body_bytes,
+        timer,
+    })
+}
+
+// ---------------------------------------------------------------- node_exporter
+
+struct NodeExporter {
+    cpu_per_scrape_us: f64,
+    ticks: u64,
+    scrapes: usize,
+    wall: Dist,
+    body_bytes: usize,
+    series: usize,
+    rss_kib: u64,
+    version: String,
+    args: Vec<String>,
+}
+
+fn node_exporter(scrapes: usize, tmp: &Path) -> Res<Option<NodeExporter>> {
+    if !Path::new(NODE_EXPORTER).exists() {
+        return Ok(None);
+    }
+    let version = Command::new(NODE_EXPORTER)
+        .arg("--version")
+        .output()
+        .map(|o| {
+            let text = [o.stdout, o.stderr].concat();
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_default();
+    let port = dead_port()?;
+    let args: Vec<String> = [
+        format!("--web.listen-address=127.0.0.1:{port}"),
+        "--web.disable-exporter-metrics".into(),
+        "--collector.disable-defaults".into(),
+        "--collector.cpu".into(),
+        "--collector.stat".into(),
+        "--collector.meminfo".into(),
+        "--collector.loadavg".into(),
+        "--collector.netdev".into(),
+        "--collector.diskstats".into(),
+        "--collector.filesystem".into(),
+        // The root filesystem only, as the agent reports.
+        "--collector.filesystem.mount-points-exclude=^/.+".into(),
+        "--collector.filesystem.fs-types-exclude=^$".into(),
+        "--collector.pressure".into(),
+        "--collector.uname".into(),
+    ]
+    .into();
+    let mut ne = spawn(
+        "prometheus-node-exporter",
+        Command::new(NODE_EXPORTER).args(&args).env_clear(),
+        &tmp.join("node-exporter.log"),
+    )?;
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .proxy(None)
+        .build()
+        .into();
+    let scrape = |agent: &ureq::Agent| -> Res<Vec<u8>> {
+        let mut resp = agent.get(&url).call()?;
+        Ok(resp
+            .body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_vec()?)
+    };
+    let up = wait_for(Duration::from_secs(10), || {
+        ne.check_alive().is_ok() && scrape(&agent).is_ok()
+    });
+    ne.check_alive()?;
+    if !up {
+        return Err(format!("node_exporter did not answer on {url} within 10 s").into());
+    }
+    let mut body = Vec::new();
+    for _ in 0..10 {
+        body = scrape(&agent)?;
+    }
+    let series = body
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty() && l[0] != b'#')
+        .count();
+    let t0 = cpu_ticks(ne.pid())?;
+    let mut wall = Vec::with_capacity(scrapes);
+    for _ in 0..scrapes {
+        let w = Instant::now();
+        black_box(scrape(&agent)?);
+        wall.push(w.elapsed().as_nanos() as u64);
+    }
+    let t1 = cpu_ticks(ne.pid())?;
+    let ticks = t1 - t0;
+    let tck = procfs::ticks_per_second() as f64;
+    let rss = rss_kib(ne.pid())?.0;
+    Ok(Some(NodeExporter {
+        cpu_per_scrape_us: ticks as f64 / tck * 1e6 / scrapes as f64,
+        ticks,
+        scrapes,
+        wall: Dist::of(wall),
+        body_bytes: body.len(),
+        series,
+        rss_kib: rss,
+        version,
+        args: args[1..].to_vec(),
+    }))
+}
+
+// ---------------------------------------------------------------- memory
+
+/// The agent binary, and a child running it against a receiver.
+struct AgentChild {
+    label: String,
+    proc: Spawned,
+    started: Instant,
+    receiver: Option<Receiver>,
+    rss_start_kib: u64,
+}
+
+fn start_agent(
+    label: &str,
+    bin: &Path,
+    receiver: Option<Receiver>,
+    tmp: &Path,
+    log_name: &str,
+) -> Res<AgentChild> {
+    let url = match &receiver {
+        Some(r) => r.url(),
+        None => format!("http://127.0.0.1:{}/v1/guest-metrics", dead_port()?),
+    };
+    // An explicit loopback URL, always (GUIDE §6).
+    assert!(url.starts_with("http://127.0.0.1:"));
+    let proc = spawn(
+        label,
+        Command::new(bin)
+            .args(["--url", &url, "--interval", "100ms", "--listen", "off"])
+            .args(["--buffer", &BUFFER.to_string(), "--log", "warn"])
+            .args(["--config", "/nonexistent/guest-agent.conf"])
+            .env_clear(),
+        &tmp.join(log_name),
+    )?;
+    Ok(AgentChild {
+        label: label.to_string(),
+        proc,
+        started: Instant::now(),
+        receiver,
+        rss_start_kib: 0,
+    })
+}
+
+/// Where cargo put the agent binaries: next to this example's directory.
+fn target_dir() -> Option<PathBuf> {
+    // target/<profile>/examples/bench
+    let exe = std::env::current_exe().ok()?;
+    Some(exe.parent()?.parent()?.parent()?.to_path_buf())
+}
+
+fn profile_dir() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    Some(exe.parent()?.parent()?.to_path_buf())
+}
+
+struct ChildMemory {
+    label: String,
+    samples: u64,
+    rss_start_kib: u64,
+    rss_end_kib: u64,
+    hwm_kib: u64,
+    cpu_ticks: u64,
+    note: String,
+}
+
+struct InProcessMemory {
+    buffer_rss_delta_kib: i64,
+    buffer_heap_estimate: usize,
+    long_iters: u64,
+    rss_after_1000_kib: u64,
+    rss_after_long_kib: u64,
+    long_wall: Duration,
+}
+
+/// Fills a default-size buffer with real samples; then runs the
+/// collect+encode+push loop `long` times, reading this process's RSS after
+/// 1,000 iterations and at the end.
+fn in_process_memory(long: u64) -> Res<InProcessMemory> {
+    let mut c = Collector::new(Path::new("/proc"), Some("bench".into()))?;
+    let before = self_rss_kib()?;
+    let buffer = Buffer::new(BUFFER);
+    let mut one: Option<Arc<Sample>> = None;
+    for seq in 1..=BUFFER as u64 {
+        let mut s = c.collect();
+        s.seq = seq;
+        one = Some(buffer.push(s));
+    }
+    let after = self_rss_kib()?;
+    let heap = one.map_or(0, |s| {
+        let strings = s.agent_version.capacity()
+            + s.run_id.capacity()
+            + s.vm_id.as_ref().map_or(0, String::capacity)
+            + s.hostname.as_ref().map_or(0, String::capacity)
+            + s.boot_id.as_ref().map_or(0, String::capacity)
+            + s.guest_ip.as_ref().map_or(0, String::capacity);
+        // Arc header (two counters) + the sample + its strings + the queue slot.
+        16 + std::mem::size_of::<Sample>() + strings + std::mem::size_of::<Arc<Sample>>()
+    }) * BUFFER;
+    drop(buffer);
+
+    let receiver = Receiver::start(false)?;
+    let mut lp = PushLoop::new(receiver.url())?;
+    let started = Instant::now();
+    let mut rss_1000 = 0;
+    let step = (long / 10).max(1);
+    for i in 1..=long {
+        if lp.once() != Outcome::Delivered {
+            return Err(format!("push {i} to the loopback receiver failed").into());
+        }
+        if i == 1000 {
+            rss_1000 = self_rss_kib()?;
+        }
+        if i % step == 0 {
+            eprint!(" {}%", i * 100 / long);
+        }
+    }
+    eprintln!();
+    let long_wall = started.elapsed();
+    Ok(InProcessMemory {
+        buffer_rss_delta_kib: after as i64 - before as i64,
+        buffer_heap_estimate: heap,
+        long_iters: long,
+        rss_after_1000_kib: rss_1000,
+        rss_after_long_kib: self_rss_kib()?,
+        long_wall,
+    })
+}
+
+// ---------------------------------------------------------------- size
+
+struct Size {
+    label: String,
+    path: PathBuf,
+    bytes: u64,
+    stripped: Option<u64>,
+}
+
+fn sizes(tmp: &Path) -> Vec<Size> {
+    let mut out = Vec::new();
+    let candidates = [
+        ("static musl", musl_binary()),
+        ("host (glibc, dynamic)", host_binary()),
+    ];
+    for (label, path) in candidates {
+        let Some(path) = path else { continue };
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        let copy = tmp.join("stripped");
+        let stripped = std::fs::copy(&path, &copy)
+            .ok()
+            .and_then(|_| Command::new("strip").arg(&copy).status().ok())
+            .filter(|s| s.success())
+            .and_then(|_| std::fs::metadata(&copy).ok())
+            .map(|m| m.len());
+        out.push(Size {
+            label: label.to_string(),
+            path,
+            bytes: meta.len(),
+            stripped,
+        });
+    }
+    out
+}
+
+fn host_binary() -> Option<PathBuf> {
+    Some(profile_dir()?.join("guest-agent")).filter(|p| p.exists())
+}
+
+fn musl_binary() -> Option<PathBuf> {
+    let profile = profile_dir()?.file_name()?.to_owned();
+    Some(
+        target_dir()?
+            .join("x86_64-unknown-linux-musl")
+            .join(profile)
+            .join("guest-agent"),
+    )
+    .filter(|p| p.exists())
+}
+
+/// Builds the host agent binary with the same profile and target directory
+/// as this example, when it is missing.
+fn build_host_binary() -> Option<PathBuf> {
+    if let Some(p) = host_binary() {
+        return Some(p);
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let release = profile_dir()?.file_name()? == "release";
+    eprintln!("building the agent binary (cargo build --bin guest-agent) ...");
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["build", "--bin", "guest-agent", "--target-dir"])
+        .arg(target_dir()?);
+    if release {
+        cmd.arg("--release");
+    }
+    match cmd.status() {
+        Ok(s) if s.success() => host_binary(),
+        _ => None,
+    }
+}
+
+fn release_profile() -> String {
+    let toml = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
+        .unwrap_or_default();
+    let mut lines = toml.lines().skip_while(|l| l.trim() != "[profile.release]");
+    if lines.next().is_none() {
+        return "cargo's default release profile (no [profile.release] in Cargo.toml)".into();
+    }
+    let body: Vec<&str> = lines
+        .take_while(|l| !l.trim_start().starts_with('['))
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    format!("[profile.release] {}", body.join(", "))
+}
+
+// ---------------------------------------------------------------- machine
+
+fn machine() -> Vec<(String, String)> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |k: &str| {
+        cpuinfo
+            .lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split(':').nth(1))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| "?".into())
+    };
+    let hypervisor = cpuinfo
+        .lines()
+        .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "hypervisor"));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| meminfo::parse(m.as_bytes()).ok())
+        .map_or("?".into(), |m| {
+            format!("{:.1} GiB", m.total_kb as f64 / MIB)
+        });
+    let procs = processes::count(Path::new("/proc")).unwrap_or(0);
+    vec![
+        (
+            "CPUs (nproc)".into(),
+            std::thread::available_parallelism().map_or("?".into(), |n| n.get().to_string()),
+        ),
+        ("CPU model".into(), field("model name")),
+        (
+            "virtualised".into(),
+            if hypervisor {
+                "yes (hypervisor flag)"
+            } else {
+                "no"
+            }
+            .into(),
+        ),
+        ("kernel".into(), kernel.trim().to_string()),
+        ("memory".into(), mem),
+        ("processes at start".into(), procs.to_string()),
+        ("load average at start".into(), load_average()),
+        ("agent profile".into(), release_profile()),
+    ]
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+// ---------------------------------------------------------------- report
+
+fn us(x: f64) -> String {
+    if x >= 100.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.1}")
+    }
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.2} MiB", kib as f64 / 1024.0)
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "within" } else { "**MISSES**" }
+}
+
+fn main() -> Res<()> {
+    let o = opts()?;
+    let run_started = Instant::now();
+    let tmp = std::env::temp_dir().join(format!("guest-agent-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let result = run(&o, &tmp);
+    let _ = std::fs::remove_dir_all(&tmp);
+    eprintln!(
+        "bench finished in {:.0} s",
+        run_started.elapsed().as_secs_f64()
+    );
+    result
+}
+
+/// One loop alone, for a profiler.
+fn only(what: &str, n: usize) -> Res<()> {
+    let mut c = Collector::new(Path::new("/proc"), Some("bench".into()))?;
+    let t = match what {
+        "collect" => measure(n, || {
+            black_box(c.collect());
+        }),
+        "encode" => {
+            let s = [Arc::new(c.collect())];
+            let mut body = Vec::with_capacity(64 * 1024);
+            measure(n, || {
+                encode::encode(&s, Format::Json, &mut body);
+                black_box(&body);
+            })
+        }
+        "push" => {
+            let receiver = Receiver::start(false)?;
+            let mut lp = PushLoop::new(receiver.url())?;
+            measure(n, || {
+                black_box(lp.once());
+            })
+        }
+        other => return Err(format!("--only {other:?}: expected collect, encode or push").into()),
+    };
+    println!(
+        "{what}: {n} iterations, thread CPU median {} µs, p99 {} µs, mean {} µs; wall median {} µs",
+        us(t.cpu.median),
+        us(t.cpu.p99),
+        us(t.cpu.mean),
+        us(t.wall.median)
+    );
+    Ok(())
+}
+
+fn run(o: &Opts, tmp: &Path) -> Res<()> {
+    if let Some(what) = &o.only {
+        return only(what, o.samples);
+    }
+    let mut machine = machine();
+    let debug_build = cfg!(debug_assertions);
+    if debug_build {
+        eprintln!("warning: this is a debug build; run with --release for real figures");
+    }
+
+    // Memory children first: they run at 100 ms while everything else is measured.
+    let host = build_host_binary();
+    let mut children: Vec<AgentChild> = Vec::new();
+    let mut binaries: Vec<(&str, PathBuf)> = Vec::new();
+    if let Some(m) = musl_binary() {
+        binaries.push(("static musl", m));
+    }
+    if let Some(h) = &host {
+        binaries.push(("host glibc", h.clone()));
+    }
+    for (i, (kind, bin)) in binaries.iter().enumerate() {
+        children.push(start_agent(
+            &format!("{kind}, pushing to a receiver"),
+            bin,
+            Some(Receiver::start(true)?),
+            tmp,
+            &format!("agent-{i}.log"),
+        )?);
+        children.push(start_agent(
+            &format!("{kind}, outage (nothing listens)"),
+            bin,
+            None,
+            tmp,
+            &format!("agent-outage-{i}.log"),
+        )?);
+    }
+    // "After start": once the first sample is delivered (or, in an outage,
+    // after the same time).
+    for c in children.iter_mut() {
+        if let Some(r) = &c.receiver {
+            wait_for(Duration::from_secs(5), || {
+                r.stats.samples.load(Ordering::SeqCst) >= 1
+            });
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for c in children.iter_mut() {
+        c.proc.check_alive()?;
+        c.rss_start_kib = rss_kib(c.proc.pid())?.0;
+    }
+
+    eprintln!("per-source CPU ({} iterations each) ...", o.samples);
+    let (sources, totals) = per_source(o.samples)?;
+    eprintln!("whole sample: collect, encode, push ...");
+    let whole = whole_sample(o.samples)?;
+    eprintln!("node_exporter, {} scrapes ...", o.scrapes);
+    let ne = node_exporter(o.scrapes, tmp)?;
+    eprint!(
+        "in-process memory: buffer of {BUFFER}, then {} pushes:",
+        o.long
+    );
+    let inproc = in_process_memory(o.long)?;
+
+    // Let the children reach their sample count.
+    let mut child_mem = Vec::new();
+    for c in children.iter_mut() {
+        let want = c.started + CHILD_INTERVAL * (o.child_samples as u32) + Duration::from_secs(1);
+        if let Some(r) = &c.receiver {
+            let done = wait_for(
+                want.saturating_duration_since(Instant::now()) + Duration::from_secs(30),
+                || r.stats.samples.load(Ordering::SeqCst) >= o.child_samples,
+            );
+            if !done {
+                eprintln!("{}: fewer samples than asked for", c.label);
+            }
+        } else {
+            std::thread::sleep(want.saturating_duration_since(Instant::now()));
+        }
+        c.proc.check_alive()?;
+        let (rss, hwm) = rss_kib(c.proc.pid())?;
+        let elapsed = c.started.elapsed();
+        let collected = (elapsed.as_millis() / CHILD_INTERVAL.as_millis()) as u64 + 1;
+        let (samples, note) = match &c.receiver {
+            Some(r) => (
+                r.stats.samples.load(Ordering::SeqCst),
+                "delivered".to_string(),
+            ),
+            None => (
+                collected,
+                format!(
+                    "collected in {:.0} s, buffer {} (full from sample {BUFFER})",
+                    elapsed.as_secs_f64(),
+                    collected.min(BUFFER as u64)
+                ),
+            ),
+        };
+        child_mem.push(ChildMemory {
+            label: c.label.clone(),
+            samples,
+            rss_start_kib: c.rss_start_kib,
+            rss_end_kib: rss,
+            hwm_kib: hwm,
+            cpu_ticks: cpu_ticks(c.proc.pid())?,
+            note,
+        });
+    }
+    drop(children);
+    let sizes = sizes(tmp);
+    machine.push(("load average at end".into(), load_average()));
+
+    // ------------------------------------------------------------ tables
+    let mut md = String::new();
+    let mut p = |s: String| {
+        md.push_str(&s);
+        md.push('\n');
+    };
+    p("### Machine".into());
+    p(String::new());
+    p("| | |".into());
+    p("|---|---|".into());
+    for (k, v) in &machine {
+        p(format!("| {k} | {v} |"));
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    p(format!(
+        "| run | `cargo run --release --example bench{}{}` ({} timed iterations per figure) |",
+        if args.is_empty() { "" } else { " -- " },
+        args.join(" "),
+        o.samples
+    ));
+    p(String::new());
+
+    let ours = whole.push.cpu;
+    p("### CPU per sample, beside node_exporter".into());
+    p(String::new());
+    p("CPU time of the thread doing the work (`CLOCK_THREAD_CPUTIME_ID`), µs; the loopback receiver's CPU is not included. node_exporter: its process's utime+stime over all scrapes, divided by the scrapes.".into());
+    p(String::new());
+    p("| what | median µs | p99 µs | mean µs | wall median µs |".into());
+    p("|---|---:|---:|---:|---:|".into());
+    let row = |name: &str, t: &Timed| {
+        format!(
+            "| {name} | {} | {} | {} | {} |",
+            us(t.cpu.median),
+            us(t.cpu.p99),
+            us(t.cpu.mean),
+            us(t.wall.median)
+        )
+    };
+    p(row("collect (real /proc)", &whole.collect));
+    p(row("collect + encode (JSON)", &whole.collect_encode));
+    p(row(
+        "encode + push of one sample alone (the HTTP part)",
+        &whole.send_only,
+    ));
+    p(row(
+        "**collect + encode + push** (keep-alive, loopback, 204)",
+        &whole.push,
+    ));
+    p(format!(
+        "| loopback receiver, per request (its own threads) | | | {} | |",
+        us(whole.receiver_cpu)
+    ));
+    p(row("timer overhead (included above)", &whole.timer));
+    match &ne {
+        Some(ne) => {
+            p(format!(
+                "| node_exporter, one scrape ({} scrapes, {} ticks) | | | {} | {} |",
+                ne.scrapes,
+                ne.ticks,
+                us(ne.cpu_per_scrape_us),
+                us(ne.wall.median)
+            ));
+            p(String::new());
+            p("| | ours (collect+encode+push) | node_exporter scrape | ratio |".into());
+            p("|---|---:|---:|---:|".into());
+            p(format!(
+                "| CPU per sample/scrape, mean | {} µs | {} µs | **{:.0}×** |",
+                us(ours.mean),
+                us(ne.cpu_per_scrape_us),
+                ne.cpu_per_scrape_us / ours.mean
+            ));
+            p(format!(
+                "| bytes on the wire (body) | {:.0} | {} ({} series) | {:.0}× |",
+                whole.body_bytes,
+                ne.body_bytes,
+                ne.series,
+                ne.body_bytes as f64 / whole.body_bytes.max(1.0)
+            ));
+            p(format!(
+                "| resident memory | see below | {} | |",
+                mib(ne.rss_kib)
+            ));
+            p(String::new());
+            p(format!(
+                "node_exporter: {}, flags `{}`.",
+                ne.version,
+                ne.args.join(" ")
+            ));
+        }
+        None => {
+            p(String::new());
+            p(format!(
+                "node_exporter: not installed ({NODE_EXPORTER} missing); install it with `apt-get install prometheus-node-exporter` for the side-by-side figures."
+            ));
+        }
+    }
+    p(String::new());
+
+    p("### CPU per /proc source".into());
+    p(String::new());
+    p("Each file kept open and re-read from offset 0 (`ProcFile`), parsed by the collector's own function. Thread CPU, µs.".into());
+    p(String::new());
+    p("| source | bytes | read only, median | read + parse, median | read + parse, p99 | parse share |".into());
+    p("|---|---:|---:|---:|---:|---:|".into());
+    let mut sum_read = 0.0;
+    let mut sum_parsed = 0.0;
+    for s in &sources {
+        sum_parsed += s.parsed.cpu.median;
+        let (read, share) = match &s.read {
+            Some(r) => {
+                sum_read += r.cpu.median;
+                (
+                    us(r.cpu.median),
+                    format!(
+                        "{:.0}%",
+                        (1.0 - r.cpu.median / s.parsed.cpu.median).max(0.0) * 100.0
+                    ),
+                )
+            }
+            None => ("—".into(), "—".into()),
+        };
+        p(format!(
+            "| {} | {} | {read} | {} | {} | {share} |",
+            s.name,
+            s.bytes.map_or("—".into(), |b| b.to_string()),
+            us(s.parsed.cpu.median),
+            us(s.parsed.cpu.p99),
+        ));
+    }
+    p(format!(
+        "| sum of the medians | | {} | {} | | |",
+        us(sum_read),
+        us(sum_parsed)
+    ));
+    for (name, t) in &totals {
+        p(format!(
+            "| {name} | | {} | | {} (p99) | |",
+            us(t.cpu.median),
+            us(t.cpu.p99)
+        ));
+    }
+    p(String::new());
+
+    p("### Memory".into());
+    p(String::new());
+    p(format!(
+        "The agent binary as a child process: `--url http://127.0.0.1:PORT/v1/guest-metrics --interval 100ms --listen off --buffer {BUFFER}`; VmRSS from `/proc/PID/status`. \"Outage\" points the agent at a loopback port where nothing listens, so every sample stays buffered."
+    ));
+    p(String::new());
+    p("| agent process | samples | RSS after start | RSS at end | peak (VmHWM) | whole-process CPU per sample | note |".into());
+    p("|---|---:|---:|---:|---:|---:|---|".into());
+    let tck = procfs::ticks_per_second() as f64;
+    for c in &child_mem {
+        let collected = c.samples.max(1) as f64;
+        p(format!(
+            "| {} | {} | {} | {} | {} | {} µs ({} ticks) | {} |",
+            c.label,
+            c.samples,
+            mib(c.rss_start_kib),
+            mib(c.rss_end_kib),
+            mib(c.hwm_kib),
+            us(c.cpu_ticks as f64 / tck * 1e6 / collected),
+            c.cpu_ticks,
+            c.note
+        ));
+    }
+    if child_mem.is_empty() {
+        p("| (no agent binary: run `cargo build --release` first) | | | | | | |".into());
+    }
+    if let Some(ne) = &ne {
+        p(format!(
+            "| node_exporter, after {} scrapes | | | {} | | | |",
+            ne.scrapes + 10,
+            mib(ne.rss_kib)
+        ));
+    }
+    p(String::new());
+    p("Whole-process CPU per sample: the child's utime+stime over its run (clock ticks), divided by its samples: the cost as deployed, with caches cold at every interval, thread wake-ups and the sender's hand-off included, unlike the hot loops above.".into());
+    p(String::new());
+    p("In this process (the bench itself, so absolute RSS includes the bench):".into());
+    p(String::new());
+    p("| what | figure |".into());
+    p("|---|---:|".into());
+    p(format!(
+        "| RSS growth from filling a buffer of {BUFFER} real samples | {} KiB (heap estimate {:.0} KiB) |",
+        inproc.buffer_rss_delta_kib,
+        inproc.buffer_heap_estimate as f64 / 1024.0
+    ));
+    p(format!(
+        "| RSS after 1,000 collect+encode+push | {} |",
+        mib(inproc.rss_after_1000_kib)
+    ));
+    p(format!(
+        "| RSS after {} collect+encode+push ({:.0} s, {:.1} µs wall each) | {} |",
+        inproc.long_iters,
+        inproc.long_wall.as_secs_f64(),
+        inproc.long_wall.as_secs_f64() * 1e6 / inproc.long_iters as f64,
+        mib(inproc.rss_after_long_kib)
+    ));
+    p(String::new());
+
+    p("### Size".into());
+    p(String::new());
+    p("| binary | size | stripped | path |".into());
+    p("|---|---:|---:|---|".into());
+    for s in &sizes {
+        p(format!(
+            "| {} | {} KiB | {} | `{}` |",
+            s.label,
+            s.bytes / 1024,
+            s.stripped
+                .map_or("—".into(), |b| format!("{} KiB", b / 1024)),
+            s.path.display()
+        ));
+    }
+    if !sizes.iter().any(|s| s.label == "static musl") {
+        p("| static musl | not built | | `cargo build --release --target x86_64-unknown-linux-musl` |".into());
+    }
+    p(String::new());
+
+    p("### Budgets (GUIDE §7)".into());
+    p(String::new());
+    p("| budget | measured | |".into());
+    p("|---|---:|---|".into());
+    p(format!(
+        "| CPU per sample (collect+encode+push) ≤ 100 µs | {} µs median, {} µs p99 | {} |",
+        us(ours.median),
+        us(ours.p99),
+        verdict(ours.median <= 100.0)
+    ));
+    if let Some(ne) = &ne {
+        let ratio = ne.cpu_per_scrape_us / ours.mean;
+        p(format!(
+            "| ≥ 20× cheaper than a node_exporter scrape | {ratio:.0}× | {} |",
+            verdict(ratio >= 20.0)
+        ));
+    }
+    let musl_child = |outage: bool| {
+        child_mem
+            .iter()
+            .find(|c| c.label.starts_with("static musl") && c.label.contains("outage") == outage)
+            .or_else(|| {
+                child_mem
+                    .iter()
+                    .find(|c| c.label.contains("outage") == outage)
+            })
+    };
+    if let Some(c) = musl_child(false) {
+        p(format!(
+            "| RSS ≤ 2 MiB steady ({}) | {} after {} samples | {} |",
+            c.label,
+            mib(c.rss_end_kib),
+            c.samples,
+            verdict(c.rss_end_kib <= 2048)
+        ));
+    }
+    if let Some(c) = musl_child(true) {
+        let full = c.samples >= BUFFER as u64;
+        p(format!(
+            "| RSS ≤ 3 MiB with a full buffer ({}) | {}{} | {} |",
+            c.label,
+            mib(c.rss_end_kib),
+            if full {
+                String::new()
+            } else {
+                format!(", buffer {} of {BUFFER} only (--quick)", c.samples)
+            },
+            verdict(c.rss_end_kib <= 3072)
+        ));
+    }
+    p(format!(
+        "| memory after a million samples = after 1,000 | {} → {} after {} | {} |",
+        mib(inproc.rss_after_1000_kib),
+        mib(inproc.rss_after_long_kib),
+        inproc.long_iters,
+        verdict(inproc.rss_after_long_kib <= inproc.rss_after_1000_kib + 64)
+    ));
+    match sizes.iter().find(|s| s.label == "static musl") {
+        Some(s) => {
+            let b = s.stripped.unwrap_or(s.bytes);
+            p(format!(
+                "| static musl binary, stripped ≤ 1 MiB | {} KiB | {} |",
+                b / 1024,
+                verdict(b <= 1 << 20)
+            ));
+        }
+        None => p("| static musl binary, stripped ≤ 1 MiB | not built | |".into()),
+    }
+    if debug_build {
+        p(String::new());
+        p("**Debug build: these figures are not the agent's.**".into());
+    }
+    println!("\n{md}");
+    Ok(())
+}
