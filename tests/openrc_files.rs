@@ -131,8 +131,8 @@ fn health_url_follows_the_listen_setting() {
         ),
         ("GUEST_AGENT_LISTEN='[::]:81'", "http://[::1]:81/health"),
         (
-            "GUEST_AGENT_LISTEN=10.0.0.2:8080",
-            "http://10.0.0.2:8080/health",
+            "GUEST_AGENT_LISTEN=127.0.0.2:8080",
+            "http://127.0.0.2:8080/health",
         ),
         (
             "healthcheck_url=http://127.0.0.1:1/health",

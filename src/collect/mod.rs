@@ -136,13 +136,16 @@ impl Collector {
         let stat = self.stat.parse(stat::parse);
         let stat = self.note("stat", stat);
         let (mut window_ms, mut pct) = (0, None);
-        if let Some(s) = &stat {
+        let mut cpu_figures = None;
+        if let Some(s) = stat {
             if let Some((then, prev)) = &self.prev_cpu {
                 window_ms = now.duration_since(*then).as_millis() as u64;
                 self.last_pct = cpu::percentages(prev, &s.cpus, self.last_pct);
             }
             pct = Some(self.last_pct);
-            self.prev_cpu = Some((now, s.cpus.clone()));
+            cpu_figures = Some((s.cpus.cpus.len() as u32, s.procs_running, s.procs_blocked));
+            // The reading becomes the next window's start: moved, not copied.
+            self.prev_cpu = Some((now, s.cpus));
         }
 
         let mem = self.meminfo.parse(meminfo::parse);
@@ -187,12 +190,12 @@ impl Collector {
             timestamp_ms,
             window_ms,
             guest_ip: None,
-            cpu_count: stat.as_ref().map(|s| s.cpus.cpus.len() as u32),
+            cpu_count: cpu_figures.map(|c| c.0),
             cpu_usage_percent: pct.map(|p| round_pct(p.usage)),
             cpu_iowait_percent: pct.map(|p| round_pct(p.iowait)),
             cpu_steal_percent: pct.map(|p| round_pct(p.steal)),
-            procs_running: stat.as_ref().and_then(|s| s.procs_running),
-            procs_blocked: stat.as_ref().and_then(|s| s.procs_blocked),
+            procs_running: cpu_figures.and_then(|c| c.1),
+            procs_blocked: cpu_figures.and_then(|c| c.2),
             process_count: procs,
             load_average: load.map(|l| l[0]),
             load_average_5: load.map(|l| l[1]),
