@@ -407,3 +407,38 @@ fn sigterm_flushes_the_buffer_before_exit() {
         seqs.len()
     );
 }
+
+#[test]
+fn a_long_outage_logs_state_changes_not_every_retry() {
+    use std::process::{Command, Stdio};
+    let addr = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_guest-agent"))
+        .args(["--url", &format!("http://{addr}/v1/guest-metrics")])
+        .args(["--interval", "100ms", "--listen", "off", "--log", "info"])
+        .args([
+            "--proc-root",
+            &common::fixture_root(),
+            "--config",
+            "/nonexistent",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Nothing listens: every push is refused. Let a few retries happen (the
+    // backoff starts at 1 s), then heal nothing and stop.
+    std::thread::sleep(Duration::from_secs(4));
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(child.wait().unwrap().success());
+    // One line when pushing starts failing; the periodic summary comes only
+    // after 60 s; the shutdown says what could not be delivered.
+    let failing = stderr.lines().filter(|l| l.contains("push failed")).count();
+    assert_eq!(failing, 1, "{stderr}");
+    assert!(stderr.contains("samples undelivered"), "{stderr}");
+    assert!(stderr.lines().count() <= 6, "{stderr}");
+}
