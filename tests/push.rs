@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{Mode, Receiver, config, free_port, wait_until};
@@ -39,6 +40,16 @@ fn largest_gap_ms(samples: &[serde_json::Value]) -> u64 {
     ts.sort();
     ts.dedup();
     ts.windows(2).map(|w| w[1].1 - w[0].1).max().unwrap_or(0)
+}
+
+/// An agent pushing to a loopback port where nothing listens yet, so that
+/// samples pile up; returns the port, for a receiver to come back on.
+fn agent_facing_an_outage(extra: &[(&'static str, &str)]) -> (SocketAddr, agent::Running) {
+    let addr = free_port();
+    let url = format!("http://{addr}/v1/guest-metrics");
+    let mut pairs = vec![("url", url.as_str()), ("interval", "100ms")];
+    pairs.extend_from_slice(extra);
+    (addr, agent::start(config(&pairs)).unwrap())
 }
 
 #[test]
@@ -101,14 +112,7 @@ fn gateway_placeholder_resolves_from_the_proc_root_route_table() {
 
 #[test]
 fn outage_shorter_than_the_buffer_loses_nothing() {
-    let addr = free_port();
-    let url = format!("http://{addr}/v1/guest-metrics");
-    let a = agent::start(config(&[
-        ("url", &url),
-        ("interval", "100ms"),
-        ("buffer", "1000"),
-    ]))
-    .unwrap();
+    let (addr, a) = agent_facing_an_outage(&[("buffer", "1000")]);
     // Nothing listens: connections are refused while samples accumulate.
     wait_until(30, "15 samples buffered", || a.shared().buffer.len() >= 15);
     assert_eq!(a.shared().status().push_state, PushState::Failing);
@@ -129,14 +133,7 @@ fn outage_shorter_than_the_buffer_loses_nothing() {
 
 #[test]
 fn outage_longer_than_the_buffer_keeps_the_newest_and_counts_the_rest() {
-    let addr = free_port();
-    let url = format!("http://{addr}/v1/guest-metrics");
-    let a = agent::start(config(&[
-        ("url", &url),
-        ("interval", "100ms"),
-        ("buffer", "5"),
-    ]))
-    .unwrap();
+    let (addr, a) = agent_facing_an_outage(&[("buffer", "5")]);
     wait_until(30, "samples dropped", || a.shared().buffer.dropped() >= 10);
     let rx = Receiver::start_on(addr, Mode::Accept);
     rx.wait_for(60, "delivery after the outage", |r| {
@@ -281,14 +278,7 @@ fn refused_payloads_are_dropped_and_counted() {
 #[test]
 fn too_large_splits_the_batch_then_drops_only_a_single_refused_sample() {
     // Build a backlog first so that the first batch has many samples.
-    let addr = free_port();
-    let url = format!("http://{addr}/v1/guest-metrics");
-    let a = agent::start(config(&[
-        ("url", &url),
-        ("interval", "100ms"),
-        ("batch", "16"),
-    ]))
-    .unwrap();
+    let (addr, a) = agent_facing_an_outage(&[("batch", "16")]);
     wait_until(30, "backlog", || a.shared().buffer.len() >= 16);
     let rx = Receiver::start_on(addr, Mode::TooLargeAbove(3));
     rx.wait_for(60, "split deliveries", |r| r.delivered().len() >= 20);
