@@ -5,14 +5,14 @@
 //! memory), so only whole physical or virtual disks are summed. The rule is by
 //! name, as node_exporter's, so that it works on any proc root.
 
-use procfs::{DiskStats, FromRead, ProcError};
+use procfs::{DiskStats, FromBufRead, ProcError};
 
 /// The kernel's diskstats sectors are always 512 bytes, whatever the device.
 const SECTOR_BYTES: u64 = 512;
 
 /// Cumulative (read, written) bytes summed over whole disks.
 pub fn parse(text: &[u8]) -> Result<(u64, u64), ProcError> {
-    let disks = DiskStats::from_read(text)?;
+    let disks = DiskStats::from_buf_read(text)?;
     Ok(disks
         .0
         .iter()

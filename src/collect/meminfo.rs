@@ -1,6 +1,6 @@
 //! `meminfo`: memory and swap, in KiB.
 
-use procfs::{FromRead, Meminfo, ProcError};
+use procfs::{FromBufRead, Meminfo, ProcError};
 
 /// Memory figures of one read of `meminfo`, in KiB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,7 +34,7 @@ impl MemReading {
 
 /// Parses the text of `meminfo`.
 pub fn parse(text: &[u8]) -> Result<MemReading, ProcError> {
-    let m = Meminfo::from_read(text)?;
+    let m = Meminfo::from_buf_read(text)?;
     let available = m
         .mem_available
         .unwrap_or_else(|| m.mem_free + m.buffers + m.cached + m.s_reclaimable.unwrap_or(0));

@@ -1,10 +1,10 @@
 //! `net/dev`: bytes received and sent, all interfaces but loopback.
 
-use procfs::{FromRead, ProcError, net::InterfaceDeviceStatus};
+use procfs::{FromBufRead, ProcError, net::InterfaceDeviceStatus};
 
 /// Cumulative (rx, tx) bytes summed over every interface except `lo`.
 pub fn parse(text: &[u8]) -> Result<(u64, u64), ProcError> {
-    let devs = InterfaceDeviceStatus::from_read(text)?;
+    let devs = InterfaceDeviceStatus::from_buf_read(text)?;
     Ok(devs
         .0
         .values()

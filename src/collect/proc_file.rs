@@ -2,7 +2,7 @@
 //!
 //! Opening a /proc file costs about as much as generating its text; keeping
 //! the descriptor and reading it again with `pread` from offset 0 halves the
-//! cost of a sample (GUIDE §7). A read error drops the descriptor so the next
+//! cost of a sample (docs/performance.md). A read error drops the descriptor so the next
 //! read opens the file afresh (the file may have appeared since, as `pressure/*`
 //! does when PSI is enabled at runtime).
 
@@ -16,12 +16,19 @@ use crate::error::{Error, Result};
 /// than growing memory without bound.
 pub const MAX_PROC_FILE_SIZE: usize = 4 << 20;
 
+/// Bytes a buffer starts with: every file a sample reads fits, so the
+/// steady state reads each file with one `pread` plus the one that finds
+/// the end, straight into the buffer, and allocates nothing.
+const INITIAL_BUFFER: usize = 4096;
+
 /// One file under the proc root, opened lazily and kept open.
 #[derive(Debug)]
 pub struct ProcFile {
     path: PathBuf,
     file: Option<File>,
+    /// Zero-filled to its whole length; `len` bytes of it are the content.
     buf: Vec<u8>,
+    len: usize,
 }
 
 impl ProcFile {
@@ -30,7 +37,8 @@ impl ProcFile {
         ProcFile {
             path: root.join(rel),
             file: None,
-            buf: Vec::with_capacity(4096),
+            buf: vec![0; INITIAL_BUFFER],
+            len: 0,
         }
     }
 
@@ -42,7 +50,7 @@ impl ProcFile {
     /// Reads the whole current content of the file.
     pub fn read(&mut self) -> Result<&[u8]> {
         match self.read_once() {
-            Ok(()) => Ok(&self.buf),
+            Ok(()) => Ok(&self.buf[..self.len]),
             Err(e) => {
                 self.file = None;
                 Err(Error::Read {
@@ -60,19 +68,22 @@ impl ProcFile {
         let Some(file) = self.file.as_ref() else {
             unreachable!("file opened above")
         };
-        self.buf.clear();
-        let mut chunk = [0u8; 4096];
+        self.len = 0;
         loop {
-            let n = file.read_at(&mut chunk, self.buf.len() as u64)?;
+            if self.len == self.buf.len() {
+                if self.buf.len() >= MAX_PROC_FILE_SIZE {
+                    return Err(std::io::Error::other(format!(
+                        "larger than {MAX_PROC_FILE_SIZE} bytes"
+                    )));
+                }
+                let grown = (self.buf.len() * 2).min(MAX_PROC_FILE_SIZE);
+                self.buf.resize(grown, 0);
+            }
+            let n = file.read_at(&mut self.buf[self.len..], self.len as u64)?;
             if n == 0 {
                 return Ok(());
             }
-            if self.buf.len() + n > MAX_PROC_FILE_SIZE {
-                return Err(std::io::Error::other(format!(
-                    "larger than {MAX_PROC_FILE_SIZE} bytes"
-                )));
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
+            self.len += n;
         }
     }
 
@@ -82,7 +93,7 @@ impl ProcFile {
         parse: impl FnOnce(&[u8]) -> std::result::Result<T, procfs::ProcError>,
     ) -> Result<T> {
         self.read()?;
-        parse(&self.buf).map_err(|e| Error::from_proc(&self.path, e))
+        parse(&self.buf[..self.len]).map_err(|e| Error::from_proc(&self.path, e))
     }
 }
 
@@ -99,6 +110,22 @@ mod tests {
         assert_eq!(f.read().unwrap(), b"first");
         std::fs::write(dir.join("x"), "second, longer").unwrap();
         assert_eq!(f.read().unwrap(), b"second, longer");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn grows_past_its_first_buffer_and_keeps_the_bound() {
+        let dir = std::env::temp_dir().join(format!("ga-procfile-big-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let big: Vec<u8> = (0..3 * INITIAL_BUFFER + 17).map(|i| b'a' + (i % 26) as u8).collect();
+        std::fs::write(dir.join("x"), &big).unwrap();
+        let mut f = ProcFile::new(&dir, "x");
+        assert_eq!(f.read().unwrap(), &big[..]);
+        std::fs::write(dir.join("x"), "short").unwrap();
+        assert_eq!(f.read().unwrap(), b"short");
+        std::fs::write(dir.join("x"), vec![b'x'; MAX_PROC_FILE_SIZE + 1]).unwrap();
+        let err = f.read().unwrap_err().to_string();
+        assert!(err.contains("larger than"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1,6 +1,6 @@
 //! `stat`: per-CPU tick counters and the run-queue figures.
 
-use procfs::{ExplicitSystemInfo, FromReadSI, KernelStats, ProcError};
+use procfs::{ExplicitSystemInfo, FromBufReadSI, KernelStats, ProcError};
 
 use crate::cpu::{CpuSnapshot, CpuTicks};
 
@@ -29,7 +29,8 @@ const SYSTEM_INFO: ExplicitSystemInfo = ExplicitSystemInfo {
 /// CPU numbers are taken from the same lines, in the same order, so that a
 /// CPU that goes offline is not confused with its neighbour.
 pub fn parse(text: &[u8]) -> Result<StatReading, ProcError> {
-    let stats = KernelStats::from_read(text, &SYSTEM_INFO)?;
+    // A byte slice is already a `BufRead`: no reader buffer, no copy.
+    let stats = KernelStats::from_buf_read(text, &SYSTEM_INFO)?;
     let ids = cpu_numbers(text)?;
     if ids.len() != stats.cpu_time.len() {
         return Err(ProcError::Other(format!(

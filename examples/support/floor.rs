@@ -1,0 +1,211 @@
+//! The floor probe: only the work no collector of the sample can avoid.
+//!
+//! One thread; the nine /proc files of a sample kept open and re-read from
+//! offset 0 until end of file (as the agent's `ProcFile` does); the proc
+//! root's directory kept open and listed with `getdents64` (as the agent's
+//! process count does); and one fixed body POSTed on a kept-alive loopback
+//! connection, its answer read. No parsing, no JSON, no allocation after the
+//! first round. It is what the agent's cost is compared with
+//! (docs/performance.md).
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::mem::MaybeUninit;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Duration;
+
+use rustix::fs::{Mode, OFlags, RawDir, SeekFrom};
+
+/// The nine files every sample reads.
+pub const NINE_FILES: [&str; 9] = [
+    "stat",
+    "meminfo",
+    "loadavg",
+    "uptime",
+    "net/dev",
+    "diskstats",
+    "pressure/cpu",
+    "pressure/memory",
+    "pressure/io",
+];
+
+/// Bytes of the fixed body: about one sample of the agent's JSON.
+pub const BODY_BYTES: usize = 900;
+
+/// The probe's kept-open files, directory and connection.
+pub struct Floor {
+    files: Vec<File>,
+    buf: Vec<u8>,
+    dir: OwnedFd,
+    dents: Vec<u8>,
+    addr: SocketAddr,
+    request: Vec<u8>,
+    conn: Option<TcpStream>,
+    answer: Vec<u8>,
+    /// Post through ureq instead of the raw connection: (agent, URL).
+    ureq: Option<(ureq::Agent, String)>,
+    /// The last round's figures, so nothing is optimised away.
+    pub last: (usize, u64),
+}
+
+impl Floor {
+    /// Opens the files under `proc_root` (those that exist) and builds the
+    /// request for `addr` and `path`.
+    pub fn new(proc_root: &Path, addr: SocketAddr, path: &str) -> std::io::Result<Floor> {
+        let files = NINE_FILES
+            .iter()
+            .map(|f| File::open(proc_root.join(f)))
+            .collect::<std::io::Result<Vec<File>>>()?;
+        let dir = rustix::fs::open(
+            proc_root,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let mut body = b"[{\"schema\":1".to_vec();
+        while body.len() < BODY_BYTES - 2 {
+            body.extend_from_slice(b",\"f\":0");
+        }
+        body.truncate(BODY_BYTES - 2);
+        body.extend_from_slice(b"}]");
+        let mut request = format!(
+            "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\nuser-agent: floor-probe\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(&body);
+        Ok(Floor {
+            files,
+            buf: vec![0; 64 * 1024],
+            dir,
+            dents: Vec::with_capacity(8192),
+            addr,
+            request,
+            conn: None,
+            answer: vec![0; 4096],
+            ureq: None,
+            last: (0, 0),
+        })
+    }
+
+
+    /// One round: read the files, list the directory, post the body.
+    pub fn once(&mut self) -> std::io::Result<()> {
+        let bytes = self.read_files()?;
+        let procs = self.count_processes()?;
+        self.last = (bytes, procs);
+        self.post()
+    }
+
+    /// Reads every file from offset 0 until end of file.
+    pub fn read_files(&mut self) -> std::io::Result<usize> {
+        self.read_each(|_, _| {})
+    }
+
+    /// Reads every file, handing each one's text (and its index in
+    /// [`NINE_FILES`]) to `each`.
+    pub fn read_each(&mut self, mut each: impl FnMut(usize, &[u8])) -> std::io::Result<usize> {
+        let mut total = 0;
+        for (i, f) in self.files.iter().enumerate() {
+            let mut off = 0;
+            loop {
+                let n = f.read_at(&mut self.buf[off..], off as u64)?;
+                if n == 0 {
+                    break;
+                }
+                off += n;
+                if off == self.buf.len() {
+                    return Err(std::io::Error::other("file larger than the probe's buffer"));
+                }
+            }
+            each(i, &self.buf[..off]);
+            total += off;
+        }
+        Ok(total)
+    }
+
+    /// Numeric entries of the proc root.
+    pub fn count_processes(&mut self) -> std::io::Result<u64> {
+        rustix::fs::seek(&self.dir, SeekFrom::Start(0))?;
+        let buf: &mut [MaybeUninit<u8>] = self.dents.spare_capacity_mut();
+        let mut entries = RawDir::new(&self.dir, buf);
+        let mut n = 0;
+        while let Some(entry) = entries.next() {
+            let entry = entry?;
+            let name = entry.file_name().to_bytes();
+            if !name.is_empty() && name.iter().all(u8::is_ascii_digit) {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Posts through a ureq agent set up as the agent's sender is (global
+    /// timeout, no proxy, no redirects, its user agent), to `url`.
+    pub fn use_ureq(&mut self, url: &str) {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(2)))
+            .http_status_as_error(false)
+            .proxy(None)
+            .max_redirects(0)
+            .user_agent("floor-probe")
+            .build()
+            .into();
+        self.ureq = Some((agent, url.to_string()));
+    }
+
+    /// The fixed POST, reconnecting once if the kept-alive connection closed.
+    pub fn post(&mut self) -> std::io::Result<()> {
+        if let Some((agent, url)) = &self.ureq {
+            let head = self.request.len() - BODY_BYTES;
+            let mut resp = agent
+                .post(url.as_str())
+                .header("Content-Type", "application/json")
+                .send(&self.request[head..])
+                .map_err(std::io::Error::other)?;
+            resp.body_mut()
+                .with_config()
+                .limit(64 * 1024)
+                .read_to_vec()
+                .map_err(std::io::Error::other)?;
+            return Ok(());
+        }
+        match self.post_once() {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                self.conn = None;
+                self.post_once()
+            }
+        }
+    }
+
+    fn post_once(&mut self) -> std::io::Result<()> {
+        if self.conn.is_none() {
+            let c = TcpStream::connect_timeout(&self.addr, Duration::from_secs(2))?;
+            c.set_nodelay(true)?;
+            c.set_read_timeout(Some(Duration::from_secs(2)))?;
+            self.conn = Some(c);
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            unreachable!("connected above")
+        };
+        conn.write_all(&self.request)?;
+        // The receiver answers with a head and no body: read up to its end.
+        let mut got = 0;
+        loop {
+            let n = conn.read(&mut self.answer[got..])?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            got += n;
+            if self.answer[..got].ends_with(b"\r\n\r\n") {
+                return Ok(());
+            }
+            if got == self.answer.len() {
+                return Err(std::io::Error::other("answer too long"));
+            }
+        }
+    }
+}
