@@ -107,10 +107,7 @@ fn allocs_per(n: usize, mut f: impl FnMut()) -> (f64, f64) {
         f();
     }
     let (a1, b1) = (ALLOCS.with(Cell::get), ALLOC_BYTES.with(Cell::get));
-    (
-        (a1 - a0) as f64 / n as f64,
-        (b1 - b0) as f64 / n as f64,
-    )
+    ((a1 - a0) as f64 / n as f64, (b1 - b0) as f64 / n as f64)
 }
 
 const NODE_EXPORTER: &str = "/usr/bin/prometheus-node-exporter";
@@ -722,7 +719,7 @@ fn whole_sample(n: usize) -> Res<SampleFigures> {
     });
     allocs.push(("of which `meminfo` alone", a, b));
     let (a, b) = allocs_per(an, || {
-        encode::encode(&fixed, Format::Json, &mut body);
+        encode(&fixed, Format::Json, &mut body);
     });
     allocs.push(("encode (JSON, into a kept buffer)", a, b));
     let (a, b) = allocs_per(an, || {
@@ -1229,11 +1226,9 @@ fn deployed_tables(d: &deployed::Deployed, md: &mut String) {
     let floor_us = d.floor().map(|f| f.cpu_us);
     for r in &d.rows {
         let ratio = floor_us.map_or("—".into(), |f| format!("{:.2}×", r.cpu_us / f));
-        let slices = d
-            .slice_ratio(r)
-            .map_or("—".into(), |(med, lo, hi)| {
-                format!("{med:.2}× ({lo:.2}–{hi:.2})")
-            });
+        let slices = d.slice_ratio(r).map_or("—".into(), |(med, lo, hi)| {
+            format!("{med:.2}× ({lo:.2}–{hi:.2})")
+        });
         let label = if r.label.starts_with("guest-agent") {
             format!("**{}**", r.label)
         } else {

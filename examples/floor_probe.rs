@@ -48,7 +48,8 @@ fn run() -> Result<(), String> {
             "--url" => url = Some(value()?),
             "--interval" => {
                 let v = value()?;
-                interval = humantime::parse_duration(&v).map_err(|e| format!("--interval {v}: {e}"))?;
+                interval =
+                    humantime::parse_duration(&v).map_err(|e| format!("--interval {v}: {e}"))?;
             }
             "--proc-root" => root = PathBuf::from(value()?),
             "--parse" => parse = true,
@@ -69,7 +70,8 @@ fn run() -> Result<(), String> {
         return Err(format!("{addr}: the probe only posts to loopback"));
     }
     let path = if path.is_empty() { "/" } else { path };
-    let open = || floor::Floor::new(&root, addr, path).map_err(|e| format!("{}: {e}", root.display()));
+    let open =
+        || floor::Floor::new(&root, addr, path).map_err(|e| format!("{}: {e}", root.display()));
     let mut probe = open()?;
     if use_ureq {
         probe.use_ureq(&url);

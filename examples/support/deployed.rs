@@ -81,15 +81,17 @@ impl Scraper {
                 .into();
             let mut next = Instant::now();
             while !st.load(Ordering::SeqCst) {
-                let got = agent.get(&url).call().map_err(|e| e.to_string()).and_then(
-                    |mut r| {
+                let got = agent
+                    .get(&url)
+                    .call()
+                    .map_err(|e| e.to_string())
+                    .and_then(|mut r| {
                         r.body_mut()
                             .with_config()
                             .limit(64 << 20)
                             .read_to_vec()
                             .map_err(|e| e.to_string())
-                    },
-                );
+                    });
                 match got {
                     Ok(b) => {
                         sc.fetch_add(1, Ordering::SeqCst);
@@ -174,7 +176,9 @@ pub struct Deployed {
 impl Deployed {
     /// Index of the floor probe's row.
     pub fn floor(&self) -> Option<&Row> {
-        self.rows.iter().find(|r| r.label.starts_with("floor probe"))
+        self.rows
+            .iter()
+            .find(|r| r.label.starts_with("floor probe"))
     }
 
     /// The per-slice ratios of row `i` to the floor: (median, min, max).
@@ -236,10 +240,7 @@ pub fn run(
         ("floor + procfs parsing", &["--parse"][..]),
         ("floor + hand-off to a second thread", &["--handoff"][..]),
         ("floor + ureq for the POST", &["--ureq"][..]),
-        (
-            "floor + all three",
-            &["--parse", "--handoff", "--ureq"][..],
-        ),
+        ("floor + all three", &["--parse", "--handoff", "--ureq"][..]),
     ] {
         let r = Receiver::start(false)?;
         let url = r.url();
@@ -301,13 +302,19 @@ pub fn run(
         });
     }
 
-    if Path::new(COLLECTD).exists() && Path::new(COLLECTD_PLUGINS).join("write_http.so").exists()
-    {
+    if Path::new(COLLECTD).exists() && Path::new(COLLECTD_PLUGINS).join("write_http.so").exists() {
         let r = Receiver::start(false)?;
         let dir = tmp.join("collectd");
         std::fs::create_dir_all(&dir)?;
         let conf = dir.join("collectd.conf");
-        std::fs::write(&conf, collectd_conf(&dir, &r.url().replace("/v1/guest-metrics", "/collectd"), interval))?;
+        std::fs::write(
+            &conf,
+            collectd_conf(
+                &dir,
+                &r.url().replace("/v1/guest-metrics", "/collectd"),
+                interval,
+            ),
+        )?;
         let proc = spawn(
             "collectd",
             Command::new(COLLECTD)
@@ -465,12 +472,13 @@ fn collectd_version() -> String {
         .ok()
         .and_then(|o| {
             let text = String::from_utf8_lossy(&[o.stdout, o.stderr].concat()).to_string();
-            text.lines()
-                .find_map(|l| {
-                    l.split_whitespace()
-                        .find(|w| w.starts_with("5."))
-                        .map(|w| w.trim_end_matches([',', '.']).trim_end_matches(".git").to_string())
+            text.lines().find_map(|l| {
+                l.split_whitespace().find(|w| w.starts_with("5.")).map(|w| {
+                    w.trim_end_matches([',', '.'])
+                        .trim_end_matches(".git")
+                        .to_string()
                 })
+            })
         })
         .unwrap_or_default()
 }

@@ -90,7 +90,6 @@ impl Floor {
         })
     }
 
-
     /// One round: read the files, list the directory, post the body.
     pub fn once(&mut self) -> std::io::Result<()> {
         let bytes = self.read_files()?;

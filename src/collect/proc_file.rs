@@ -117,7 +117,9 @@ mod tests {
     fn grows_past_its_first_buffer_and_keeps_the_bound() {
         let dir = std::env::temp_dir().join(format!("ga-procfile-big-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let big: Vec<u8> = (0..3 * INITIAL_BUFFER + 17).map(|i| b'a' + (i % 26) as u8).collect();
+        let big: Vec<u8> = (0..3 * INITIAL_BUFFER + 17)
+            .map(|i| b'a' + (i % 26) as u8)
+            .collect();
         std::fs::write(dir.join("x"), &big).unwrap();
         let mut f = ProcFile::new(&dir, "x");
         assert_eq!(f.read().unwrap(), &big[..]);
