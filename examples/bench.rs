@@ -127,7 +127,8 @@ const USAGE: &str = "usage: bench [--quick] [--samples N] [--scrapes N] [--long 
                 50 s; quick 10000); --long 1000000 for the million samples of docs/design.md#budgets (about 4 min)
   --only WHAT   run one loop of --samples iterations and print its figure, for a
                 profiler (perf record, valgrind --tool=callgrind): collect, encode, push,
-                floor; or `deployed` for the as-deployed table alone";
+                floor; `deployed` for the as-deployed table alone, `allocs` for the
+                allocations per sample";
 
 struct Opts {
     samples: usize,
@@ -1278,6 +1279,14 @@ fn only(o: &Opts, what: &str, n: usize, tmp: &Path) -> Res<()> {
         println!("\n{md}");
         return Ok(());
     }
+    if what == "allocs" {
+        let whole = whole_sample(n)?;
+        println!("| loop | allocations | bytes asked |\n|---|---:|---:|");
+        for (what, a, b) in &whole.allocs {
+            println!("| {what} | {a:.1} | {b:.0} |");
+        }
+        return Ok(());
+    }
     let mut c = Collector::new(Path::new("/proc"), Some("bench".into()))?;
     let t = match what {
         "floor" => {
@@ -1308,7 +1317,7 @@ fn only(o: &Opts, what: &str, n: usize, tmp: &Path) -> Res<()> {
         }
         other => {
             return Err(format!(
-                "--only {other:?}: expected collect, encode, push, floor or deployed"
+                "--only {other:?}: expected collect, encode, push, floor, deployed or allocs"
             )
             .into());
         }
