@@ -29,6 +29,12 @@ use guest_agent::collect::{diskstats, loadavg, meminfo, net_dev, pressure, stat,
 #[path = "support/floor.rs"]
 mod floor;
 
+// Built the same way as the agent, allocator included (src/main.rs), so
+// that the `--parse` and `--ureq` rows compare with it.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("floor_probe: {e}");
