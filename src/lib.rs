@@ -30,6 +30,7 @@ pub mod config;
 pub mod cpu;
 pub mod encode;
 pub mod error;
+mod healthcheck;
 pub mod influx;
 pub mod listener;
 pub mod logging;
