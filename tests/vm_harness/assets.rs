@@ -95,7 +95,7 @@ fn find_qemu() -> Result<PathBuf, String> {
 }
 
 /// Runs a command, returning its stdout, or an error naming it.
-fn run(cmd: &mut Command) -> Result<String, String> {
+pub fn run(cmd: &mut Command) -> Result<String, String> {
     let out = cmd
         .output()
         .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
@@ -111,7 +111,7 @@ fn run(cmd: &mut Command) -> Result<String, String> {
 
 /// `apt-get download PKG` + `dpkg -x` into `cache/NAME`, unless already
 /// there; the extraction is renamed into place only when complete.
-fn fetch_deb(cache: &Path, package: &str, name: &str) -> Result<PathBuf, String> {
+pub fn fetch_deb(cache: &Path, package: &str, name: &str) -> Result<PathBuf, String> {
     let dest = cache.join(name);
     if dest.is_dir() {
         return Ok(dest);

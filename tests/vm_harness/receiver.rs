@@ -22,6 +22,9 @@ pub struct Post {
     pub headers: BTreeMap<String, String>,
     /// The body as a sample array, or why it is not one.
     pub samples: Result<Vec<Sample>, String>,
+    /// The status code this receiver answered.
+    #[allow(dead_code)] // read by the OpenRC test only
+    pub status: u16,
 }
 
 #[derive(Default)]
@@ -35,6 +38,8 @@ pub struct Receiver {
     pub addr: SocketAddr,
     shared: Shared,
     stop: Arc<AtomicBool>,
+    /// While set, every request gets 503 with `Retry-After: 3600`.
+    refusing: Arc<AtomicBool>,
 }
 
 impl Receiver {
@@ -43,18 +48,32 @@ impl Receiver {
         let addr = listener.local_addr().unwrap();
         let shared: Shared = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
-        let (s, st) = (shared.clone(), stop.clone());
+        let refusing = Arc::new(AtomicBool::new(false));
+        let (s, st, rf) = (shared.clone(), stop.clone(), refusing.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if st.load(Ordering::SeqCst) {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                let s = s.clone();
-                std::thread::spawn(move || serve(conn, s));
+                let (s, rf) = (s.clone(), rf.clone());
+                std::thread::spawn(move || serve(conn, s, rf));
             }
         });
-        Receiver { addr, shared, stop }
+        Receiver {
+            addr,
+            shared,
+            stop,
+            refusing,
+        }
+    }
+
+    /// From now on, answers every request with 503 and `Retry-After: 3600`
+    /// (`true`), or as before (`false`): a manager that is down and asks
+    /// the agent not to retry for an hour.
+    #[allow(dead_code)] // used by the OpenRC test only
+    pub fn refuse(&self, on: bool) {
+        self.refusing.store(on, Ordering::SeqCst);
     }
 
     pub fn port(&self) -> u16 {
@@ -96,7 +115,7 @@ impl Drop for Receiver {
     }
 }
 
-fn serve(conn: TcpStream, shared: Shared) {
+fn serve(conn: TcpStream, shared: Shared, refusing: Arc<AtomicBool>) {
     // An idle keep-alive connection is dropped eventually; the agent reconnects.
     let _ = conn.set_read_timeout(Some(Duration::from_secs(120)));
     let mut writer = match conn.try_clone() {
@@ -104,15 +123,21 @@ fn serve(conn: TcpStream, shared: Shared) {
         Err(_) => return,
     };
     let mut reader = BufReader::new(conn);
-    while let Some(post) = read_request(&mut reader) {
+    while let Some(mut post) = read_request(&mut reader) {
         let close = post
             .headers
             .get("connection")
             .is_some_and(|v| v.eq_ignore_ascii_case("close"));
-        let status = match post.samples {
-            Ok(_) => "204 No Content",
-            Err(_) => "400 Bad Request",
+        let refused = refusing.load(Ordering::SeqCst);
+        let (code, status) = match post.samples {
+            _ if refused => (
+                503,
+                "503 Service Unavailable\r\nRetry-After: 3600\r\nContent-Length: 0",
+            ),
+            Ok(_) => (204, "204 No Content"),
+            Err(_) => (400, "400 Bad Request"),
         };
+        post.status = code;
         let (lock, cond) = &*shared;
         lock.lock().unwrap().posts.push(post);
         cond.notify_all();
@@ -174,6 +199,7 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<Post> {
         path,
         headers,
         samples,
+        status: 0,
     })
 }
 
