@@ -112,6 +112,7 @@ fn openrc_service_boots_restarts_health_checks_and_stops() {
 
     // Boot: OpenRC reaches the default runlevel and the service pushes.
     let (_, early) = vm.wait_marker("early", deadline);
+    let (_, services) = vm.wait_marker("boot-services", deadline);
     let (_, net) = vm.wait_marker("net-up", deadline);
     let (default_at, default) = vm.wait_marker("default", deadline);
     assert_eq!(field(&default, "runlevel"), Some("default"), "{default}");
@@ -120,9 +121,10 @@ fn openrc_service_boots_restarts_health_checks_and_stops() {
         .expect("no push from the service started at boot");
     assert_eq!(seq, 1, "the first sample of a run is seq 1");
     vm_harness::report(format_args!(
-        "vm openrc: early init at guest uptime {}s, network at {}s, default runlevel at {}s \
-         ({} after QEMU start); first sample received {} after QEMU start",
+        "vm openrc: early init at guest uptime {}s, first boot service at {}s, network at {}s, \
+         default runlevel at {}s ({} after QEMU start); first sample received {} after QEMU start",
         uptime(&early, "uptime"),
+        uptime(&services, "uptime"),
         uptime(&net, "uptime"),
         uptime(&default, "uptime"),
         secs(default_at - vm.started),
@@ -130,8 +132,8 @@ fn openrc_service_boots_restarts_health_checks_and_stops() {
     ));
 
     // rc-service status.
-    vm.send("status");
-    let (_, status) = vm.wait_marker("status", deadline);
+    vm.send("status 1");
+    let (_, status) = vm.wait_marker("status-1", deadline);
     assert!(
         status.starts_with("rc=0") && status.contains("status: started"),
         "rc-service guest-agent status: {status}"
@@ -187,17 +189,57 @@ fn openrc_service_boots_restarts_health_checks_and_stops() {
         secs(healed)
     ));
 
+    // A stop while the health check is restarting the agent returns as
+    // promptly as any stop, and a start brings a new process.
+    wait(2, &run_c);
+    vm.send("sick-stop");
+    vm.wait_marker("sick-again", deadline);
+    let (_, stopped) = vm.wait_marker("stopped-in-restart", deadline);
+    assert!(
+        stopped.starts_with("rc=0"),
+        "rc-service guest-agent stop: {stopped}"
+    );
+    let restart_stop_took = uptime(&stopped, "to") - uptime(&stopped, "from");
+    // Not a speed check: supervise-daemon waiting out its whole retry
+    // schedule (TERM/15/KILL/5) on an exited agent is the failure looked for.
+    assert!(
+        restart_stop_took < 15.0,
+        "a stop during the health check's restart waited out the retry schedule: {stopped}"
+    );
+    vm.send("status 2");
+    let (_, status) = vm.wait_marker("status-2", deadline);
+    assert!(
+        status.contains("status: stopped"),
+        "after the stop: {status}"
+    );
+    vm.send("start");
+    let (_, started) = vm.wait_marker("started", deadline);
+    assert!(
+        started.starts_with("rc=0"),
+        "rc-service guest-agent start: {started}"
+    );
+    let (run_d, seq, _) = rx
+        .wait_for(deadline, |p| {
+            new_run(p, &[run_a.clone(), run_b.clone(), run_c.clone()])
+        })
+        .expect("no push after rc-service guest-agent start");
+    assert_eq!(seq, 1);
+    vm_harness::report(format_args!(
+        "vm openrc: rc-service stop during the health check's restart took {restart_stop_took:.2}s \
+         in the guest"
+    ));
+
     // Stop: the manager refuses (503, Retry-After an hour), the agent
     // buffers; the manager comes back, and only the SIGTERM flush can
     // deliver what was buffered before the agent exits.
-    wait(2, &run_c);
+    wait(2, &run_d);
     rx.refuse(true);
     let refused_from = rx
         .wait_for(deadline, |p| {
             p.iter()
                 .filter(|p| p.status == 503)
                 .flat_map(|p| p.samples.iter().flatten())
-                .filter(|s| s.run_id == run_c)
+                .filter(|s| s.run_id == run_d)
                 .map(|s| s.seq)
                 .min()
         })
@@ -242,7 +284,7 @@ fn openrc_service_boots_restarts_health_checks_and_stops() {
         "the agent did not exit on SIGTERM within the retry schedule's 15 s: {stopped}"
     );
     let posts = rx.posts();
-    let c = run_samples(&posts, &run_c);
+    let c = run_samples(&posts, &run_d);
     let seqs: Vec<u64> = c.iter().map(|s| s.seq).collect();
     vm_harness::assert_no_gaps("the run stopped by rc-service", &seqs);
     let last = *seqs.last().unwrap();
@@ -288,8 +330,8 @@ fn openrc_service_boots_restarts_health_checks_and_stops() {
         log.iter()
             .filter(|l| l.contains(" started: every 1s"))
             .count(),
-        3,
-        "three agent processes, each with conf.d's interval: {log:#?}"
+        4,
+        "four agent processes, each with conf.d's interval: {log:#?}"
     );
 
     vm.send("off");
@@ -299,8 +341,8 @@ fn openrc_service_boots_restarts_health_checks_and_stops() {
     let runs = vm_harness::runs(&vm_harness::samples(&delivered(&posts)));
     assert_eq!(
         runs.iter().map(|r| &r.0).collect::<Vec<_>>(),
-        vec![&run_a, &run_b, &run_c],
-        "three processes: at boot, after kill -9, after the health check"
+        vec![&run_a, &run_b, &run_c, &run_d],
+        "four processes: at boot, after kill -9, after the health check, after the start"
     );
     for (run, seqs) in &runs {
         vm_harness::assert_no_gaps(run, seqs);

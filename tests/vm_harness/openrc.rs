@@ -371,6 +371,9 @@ rc-update add ga-boot boot
 rc-update add ga-net boot
 rc-update add guest-agent default
 say early uptime=$(cut -d' ' -f1 /proc/uptime)
+# OpenRC mounts /proc itself (busybox's in-process md5sum would make its
+# check of an existing /proc report "cruft").
+umount /proc
 "#;
 
 /// Boot runlevel: what Alpine's modules, loopback and hostname services do.
@@ -380,6 +383,7 @@ depend() {
 	provide loopback hostname
 }
 start() {
+	echo "@@GA boot-services uptime=$(cut -d' ' -f1 /proc/uptime)"
 	ebegin "Loading modules, bringing up lo"
 	for m in @MODULES@; do insmod "/lib/modules/$m.ko" || return 1; done
 	ip link set lo up && hostname ga-vm
@@ -416,9 +420,14 @@ child() { cat /run/openrc/options/guest-agent/child_pid 2>/dev/null; }
 say default uptime=$(up) runlevel=$(rc-status -r)
 while read -r cmd; do
     case "$cmd" in
-    status)
+    status\ *)
+        set -- $cmd
         out=$(rc-service guest-agent status 2>&1)
-        say status rc=$? $out
+        say "status-$2" rc=$? $out
+        ;;
+    start)
+        out=$(rc-service guest-agent start 2>&1)
+        say started rc=$? $out
         ;;
     config)
         pid=$(child)
@@ -441,6 +450,22 @@ while read -r cmd; do
         set -- $cmd
         out=$(/usr/local/bin/guest-agent --health 2>&1)
         say "health-$2" rc=$? $out
+        ;;
+    sick-stop)
+        # SIGSTOP, then `rc-service stop` as soon as the health check has
+        # noted the failure: while it is stopping the agent for a restart.
+        failed() { grep -c 'health check failed' /var/log/guest-agent.log; }
+        n=$(failed)
+        pid=$(child)
+        kill -STOP "$pid"
+        say sick-again pid=$pid uptime=$(up)
+        i=0
+        while [ "$(failed)" -le "$n" ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i + 1)); done
+        t0=$(up)
+        out=$(rc-service guest-agent stop 2>&1)
+        rc=$?
+        t1=$(up)
+        say stopped-in-restart rc=$rc from=$t0 to=$t1 $out
         ;;
     pid)
         say pid $(child) start_count=$(cat /run/openrc/options/guest-agent/start_count 2>/dev/null)
