@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{Mode, Receiver, Request, config, fixture_root, free_port};
+use common::{Mode, Receiver, Request, config, fixture_root};
 use guest_agent::Sample;
 use guest_agent::agent;
 
@@ -94,8 +94,8 @@ fn now_ms() -> u64 {
 #[test]
 fn influx_bodies_have_one_line_per_sample_and_batch_after_an_outage() {
     // Nothing listens at first: samples pile up, then go out in one batch.
-    let addr = free_port();
-    let url = format!("http://{addr}/write");
+    let rx = Receiver::start(Mode::Reset);
+    let url = format!("http://{}/write", rx.addr);
     let started_ms = now_ms();
     let a = agent::start(config(&[
         ("url", &url),
@@ -106,20 +106,20 @@ fn influx_bodies_have_one_line_per_sample_and_batch_after_an_outage() {
     .unwrap();
     let mut seen: BTreeMap<u64, Arc<Sample>> = BTreeMap::new();
     let record = |seen: &mut BTreeMap<u64, Arc<Sample>>| {
-        if let Some(s) = a.shared().latest() {
+        if let Some(s) = a.latest() {
             seen.insert(s.seq, s);
         }
     };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while a.shared().buffer.len() < 6 {
+    while a.health().buffered < 6 {
         record(&mut seen);
         assert!(Instant::now() < deadline, "no backlog after 30 s");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let backlog = a.shared().buffer.len();
-    let rx = Receiver::start_on(addr, Mode::Accept);
+    let backlog = a.health().buffered;
+    rx.set_mode(Mode::Accept);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while a.shared().status().delivered < backlog as u64 + 4 {
+    while a.health().delivered < backlog as u64 + 4 {
         record(&mut seen);
         assert!(Instant::now() < deadline, "not delivered after 60 s");
         std::thread::sleep(Duration::from_millis(5));

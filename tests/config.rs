@@ -346,7 +346,7 @@ fn an_invalid_cli_exits_2_with_one_line() {
 
 #[test]
 fn route_fixtures_pick_the_right_gateway() {
-    use guest_agent::route::parse_default_gateway;
+    use guest_agent::internals::parse_default_gateway;
     let gw =
         |name: &str| parse_default_gateway(&fs::read(format!("{FIXTURES}/routes/{name}")).unwrap());
     assert_eq!(
