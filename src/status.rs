@@ -124,6 +124,7 @@ impl Status {
 pub struct Shared {
     /// Samples waiting for delivery.
     pub buffer: Buffer,
+    pushing: bool,
     started: Instant,
     interval: Duration,
     config_errors: Vec<String>,
@@ -135,6 +136,7 @@ impl Shared {
     pub fn new(config: &Config) -> Arc<Shared> {
         Arc::new(Shared {
             buffer: Buffer::new(config.buffer, config.buffer_max_bytes),
+            pushing: config.url.is_some(),
             started: Instant::now(),
             interval: config.interval,
             config_errors: config.errors.clone(),
@@ -165,10 +167,16 @@ impl Shared {
         self.status.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a freshly collected sample and makes it the latest; `errors`,
-    /// when given, replaces the failing sources shown in `/health`.
+    /// Queues a freshly collected sample (when pushing is on: with it off
+    /// nothing would ever take it out, and the buffer would only count
+    /// drops) and makes it the latest; `errors`, when given, replaces the
+    /// failing sources shown in `/health`.
     pub fn record(&self, sample: Sample, errors: Option<&BTreeMap<&'static str, String>>) {
-        let sample = self.buffer.push(sample);
+        let sample = if self.pushing {
+            self.buffer.push(sample)
+        } else {
+            Arc::new(sample)
+        };
         let mut st = self.status();
         st.latest = Some(sample);
         st.last_sample_at = Some(Instant::now());

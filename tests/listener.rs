@@ -230,12 +230,21 @@ fn health_get_and_head_answer_200_with_the_status_json() {
         "last_error",
         "consecutive_failures",
         "buffered",
+        "buffer_capacity",
+        "buffer_bytes",
+        "buffer_max_bytes",
+        "guest_ip",
         "dropped",
         "rejected",
         "config_errors",
     ] {
         assert!(h.get(key).is_some(), "{key} missing from {h}");
     }
+    // Pushing is off: nothing is queued for a sender that does not exist.
+    assert_eq!(
+        (h["buffered"].as_u64(), h["dropped"].as_u64()),
+        (Some(0), Some(0))
+    );
 
     // HEAD: the same headers, no body. The next response on the same
     // connection would be garbled if any body byte followed.

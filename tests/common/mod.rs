@@ -242,6 +242,10 @@ impl AgentProcess {
         use std::process::{Command, Stdio};
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_guest-agent"));
         cmd.args(["--proc-root", &fixture_root(), "--config", "/nonexistent"]);
+        // Only what the test says: nothing from the caller's environment.
+        for s in guest_agent::config::settings::SETTINGS {
+            cmd.env_remove(s.env());
+        }
         if !args.contains(&"--listen") {
             cmd.args(["--listen", "off"]);
         }
