@@ -1,4 +1,4 @@
-//! The benchmark of GUIDE §7: CPU per sample, per /proc source, beside
+//! The benchmark behind docs/design.md#budgets: CPU per sample, per /proc source, beside
 //! `prometheus-node-exporter`, resident memory, and binary size, on this
 //! machine, in one run. Prints Markdown tables for the README.
 //!
@@ -37,7 +37,7 @@ type Res<T> = Result<T, Box<dyn Error>>;
 const NODE_EXPORTER: &str = "/usr/bin/prometheus-node-exporter";
 /// The shortest interval the agent accepts; the memory children run at it.
 const CHILD_INTERVAL: Duration = Duration::from_millis(100);
-/// The default buffer (GUIDE §4), filled by the outage child.
+/// The default buffer (docs/design.md#configuration), filled by the outage child.
 const BUFFER: usize = 1000;
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -46,7 +46,7 @@ const USAGE: &str = "usage: bench [--quick] [--samples N] [--scrapes N] [--long 
   --samples N   timed iterations per CPU figure (default 5000; quick 1000)
   --scrapes N   node_exporter scrapes (default 500; quick 100)
   --long N      iterations of the in-process memory-growth loop (default 200000, about
-                50 s; quick 10000); --long 1000000 for GUIDE §7's million samples (about 4 min)
+                50 s; quick 10000); --long 1000000 for the budgets' million samples (about 4 min)
   --only WHAT   run one loop of --samples iterations and print its figure, for a
                 profiler (perf record, valgrind --tool=callgrind): collect, encode, push";
 
@@ -472,7 +472,7 @@ fn per_source(n: usize) -> Res<(Vec<SourceRow>, Totals)> {
         bytes: None,
     });
 
-    // The nine files together: kept open vs opened anew (GUIDE §7).
+    // The nine files together: kept open vs opened anew (docs/performance.md).
     let mut files: Vec<ProcFile> = NINE_FILES.iter().map(|r| ProcFile::new(proc, r)).collect();
     let paths: Vec<PathBuf> = NINE_FILES.iter().map(|r| proc.join(r)).collect();
     let kept = measure(n, || {
@@ -742,7 +742,7 @@ fn start_agent(
         Some(r) => r.url(),
         None => format!("http://127.0.0.1:{}/v1/guest-metrics", dead_port()?),
     };
-    // An explicit loopback URL, always (GUIDE §6).
+    // An explicit loopback URL, always (docs/testing.md).
     assert!(url.starts_with("http://127.0.0.1:"));
     let proc = spawn(
         label,
@@ -1384,7 +1384,7 @@ fn run(o: &Opts, tmp: &Path) -> Res<()> {
     }
     p(String::new());
 
-    p("### Budgets (GUIDE §7)".into());
+    p("### Budgets (docs/design.md#budgets)".into());
     p(String::new());
     p("| budget | measured | |".into());
     p("|---|---:|---|".into());

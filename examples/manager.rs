@@ -1,5 +1,6 @@
 //! A reference ingest server for manager developers: what the receiving end
-//! of guest-agent's pushes has to do (GUIDE §3, §5), in one std-only file.
+//! of guest-agent's pushes has to do (docs/design.md#the-sample,
+//! docs/design.md#delivery), in one std-only file.
 //!
 //! ```text
 //! cargo run --example manager -- [--listen 127.0.0.1:18080] [--ndjson FILE] [--token TOKEN]

@@ -1,4 +1,4 @@
-//! CPU percentages over a window, from two readings of `stat` (GUIDE §3).
+//! CPU percentages over a window, from two readings of `stat` (docs/design.md#cpu-rules).
 //!
 //! Pure arithmetic, kept apart from I/O so every rule has a hand-computed test:
 //! guest time is never added (it is already inside user and nice), a counter

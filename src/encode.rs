@@ -14,7 +14,7 @@ pub fn content_type(format: Format) -> &'static str {
 }
 
 /// Writes `batch` into `out` (cleared first) in `format`: a JSON array of
-/// samples, oldest first (GUIDE §3), or Influx line protocol.
+/// samples, oldest first (docs/design.md#the-sample), or Influx line protocol.
 pub fn encode(batch: &[Arc<Sample>], format: Format, out: &mut Vec<u8>) {
     out.clear();
     match format {

@@ -1,6 +1,6 @@
-//! The local HTTP listener (GUIDE §5): `GET`/`HEAD /health` and `/metrics`,
-//! for an operator's `curl localhost:8080/health` and for the old pull
-//! agent's `/metrics` contract.
+//! The local HTTP listener (docs/design.md#the-listener): `GET`/`HEAD
+//! /health` and `/metrics`, for an operator's `curl localhost:8080/health`
+//! and for the `/metrics` object of the pull-model agent this one replaces.
 //!
 //! It runs beside collection and pushing and must never slow them, nor let a
 //! client grow the agent's memory: everything a client controls is bounded

@@ -2,7 +2,7 @@
 //!
 //! Opening a /proc file costs about as much as generating its text; keeping
 //! the descriptor and reading it again with `pread` from offset 0 halves the
-//! cost of a sample (GUIDE §7). A read error drops the descriptor so the next
+//! cost of a sample (docs/performance.md). A read error drops the descriptor so the next
 //! read opens the file afresh (the file may have appeared since, as `pressure/*`
 //! does when PSI is enabled at runtime).
 
