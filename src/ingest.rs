@@ -176,7 +176,7 @@ fn parse(body: &[u8]) -> Result<Vec<Received>, Refusal> {
         return Err(Refusal::malformed("body is not a JSON array of samples"));
     };
     if items.is_empty() {
-        return Err(Refusal::malformed("empty array: no samples"));
+        return Err(Refusal::malformed("empty batch: no samples"));
     }
     items
         .into_iter()
