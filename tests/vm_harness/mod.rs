@@ -3,6 +3,8 @@
 pub mod assets;
 pub mod cpio;
 pub mod initramfs;
+pub mod monitor;
+pub mod overlay;
 pub mod qemu;
 pub mod receiver;
 
