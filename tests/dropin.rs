@@ -265,6 +265,70 @@ fn the_installers_file_alone_serves_todays_manager() {
     );
 }
 
+/// Runs `ip ARGS` (in the caller's namespace), panicking on failure.
+fn ip(args: &str) {
+    let ok = Command::new("ip")
+        .args(args.split_whitespace())
+        .status()
+        .unwrap_or_else(|e| panic!("ip {args}: {e}"));
+    assert!(ok.success(), "ip {args} failed");
+}
+
+/// The guest's address toward the manager changes (a new lease): it is
+/// reported again at once, not at the next 30 s refresh, and the manager's
+/// pulls follow it. In a namespace of its own, the manager's address and the
+/// guest's two addresses live on loopback, and the route to the manager
+/// names the source address the kernel picks.
+#[test]
+fn a_new_address_is_reported_at_once() {
+    if let Err(why) = private_network() {
+        assert!(
+            !required(),
+            "a network namespace is required under CI=true: {why}"
+        );
+        report(format_args!("dropin: SKIPPED, no network namespace: {why}"));
+        return;
+    }
+    for a in ["10.88.0.1", "10.77.0.2", "10.77.0.3"] {
+        ip(&format!("addr add {a}/32 dev lo"));
+    }
+    ip("route replace local 10.88.0.1 dev lo table local src 10.77.0.2");
+    let manager = StandIn::start(
+        "10.88.0.1:0".parse().unwrap(),
+        Arc::new(|ip: &str| SocketAddr::new(ip.parse().unwrap(), AGENT_PORT)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let conf = installer_conf(dir.path(), &manager.base_url());
+    let agent = Agent::start(&["--config", conf.to_str().unwrap()]);
+    let first = manager.wait_for(60, "the first address", |m| m.reports().first().cloned());
+    assert_eq!(first.guest_ip, "10.77.0.2");
+    manager.wait_for(60, "a pull from 10.77.0.2", |m| {
+        m.live_pulls()
+            .into_iter()
+            .find(|p| p.result.is_ok() && p.url.contains("10.77.0.2"))
+    });
+
+    ip("route replace local 10.88.0.1 dev lo table local src 10.77.0.3");
+    let changed_at = Instant::now();
+    let again = manager.wait_for(60, "the new address", |m| {
+        m.reports().into_iter().find(|r| r.guest_ip == "10.77.0.3")
+    });
+    manager.wait_for(60, "a pull from 10.77.0.3", |m| {
+        m.live_pulls()
+            .into_iter()
+            .find(|p| p.result.is_ok() && p.url.contains("10.77.0.3"))
+    });
+    report(format_args!(
+        "dropin: address change -> new report {} ms",
+        (again.at - changed_at).as_millis()
+    ));
+    let log = agent.terminate();
+    assert!(
+        log.contains("guest address changed from 10.77.0.2 to 10.77.0.3"),
+        "reported for the change, not by the periodic refresh:\n{log}"
+    );
+}
+
 /// The manager is not up yet when the agent starts: the report is retried
 /// until it is, and an explicit `--listen` beats the file's implied one.
 #[test]
