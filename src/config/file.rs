@@ -133,6 +133,26 @@ mod tests {
     }
 
     #[test]
+    fn manager_url_implies_the_pull_listener_and_the_address_report() {
+        let v = parse(
+            "VM_ID=v\nMANAGER_URL=http://10.0.0.1:18080/\n",
+            Path::new("f"),
+        );
+        assert_eq!(
+            v.implied,
+            vec![
+                ("MANAGER_URL".into(), "listen", MANAGER_LISTEN.into()),
+                (
+                    "MANAGER_URL".into(),
+                    "manager_url",
+                    "http://10.0.0.1:18080".into()
+                ),
+            ]
+        );
+        assert!(parse("VM_ID=v\n", Path::new("f")).implied.is_empty());
+    }
+
+    #[test]
     fn missing_file_is_normal_unreadable_is_an_error() {
         let v = read(Path::new("/nonexistent/guest-agent.conf")).unwrap();
         assert!(v.entries.is_empty() && v.errors.is_empty());
