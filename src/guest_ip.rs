@@ -307,7 +307,8 @@ impl Reporter {
     }
 
     fn post(&self, url: &str, ip: IpAddr) -> Result<(), String> {
-        let body = serde_json::json!({ "guest_ip": ip.to_string() }).to_string();
+        // An address's text needs no JSON escaping.
+        let body = format!("{{\"guest_ip\":\"{ip}\"}}");
         let mut resp = self
             .agent
             .post(url)
