@@ -20,6 +20,7 @@ pub struct Running {
     collector: Option<JoinHandle<()>>,
     sender: Option<JoinHandle<()>>,
     listener: Option<crate::listener::Listener>,
+    guest_ip: Option<JoinHandle<()>>,
 }
 
 /// Starts collecting (first sample at once), pushing and listening. If a
@@ -44,6 +45,7 @@ pub fn start(config: Config) -> Result<Running> {
         collector: None,
         sender: None,
         listener: None,
+        guest_ip: None,
     };
 
     // A listener that cannot bind (port taken) must not stop pushing.
@@ -56,6 +58,12 @@ pub fn start(config: Config) -> Result<Running> {
     if let Some(sender) = Sender::new(&config, shared.clone(), collector.run_id()) {
         let stop = running.stop.clone();
         running.sender = Some(spawn("the push thread", "push", move || sender.run(&stop))?);
+    }
+    if let Some(reporter) = crate::guest_ip::Reporter::new(&config, shared.clone()) {
+        let stop = running.stop.clone();
+        running.guest_ip = Some(spawn("the guest-address thread", "guest-ip", move || {
+            reporter.run(&stop)
+        })?);
     }
     let interval = config.interval;
     let (sh, st) = (shared.clone(), running.stop.clone());
@@ -123,6 +131,9 @@ impl Running {
         }
         if let Some(l) = self.listener.take() {
             l.stop();
+        }
+        if let Some(t) = self.guest_ip.take() {
+            let _ = t.join();
         }
     }
 }

@@ -26,12 +26,14 @@ pub mod cli;
 pub mod collect;
 pub mod config;
 pub mod error;
+pub mod ingest;
 pub mod sample;
 
 mod backoff;
 mod buffer;
 mod cpu;
 mod encode;
+mod guest_ip;
 mod healthcheck;
 mod influx;
 mod listener;
@@ -45,6 +47,7 @@ pub use agent::Running;
 pub use collect::{AGENT_VERSION, Collector};
 pub use config::Config;
 pub use error::{Error, Result};
+pub use guest_ip::{GuestIpReport, GuestIpState};
 pub use sample::Sample;
 pub use status::{Health, HealthState, PushState};
 

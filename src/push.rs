@@ -43,6 +43,9 @@ pub enum Outcome {
     Delivered,
     /// 400, 413 or 422: the payload is refused.
     Refused(u16),
+    /// 404: the manager has no ingest route (yet): keep the batch and try
+    /// again at the backoff ceiling (docs/manager.md).
+    NoIngestRoute(String),
     /// Anything else: keep the batch and try again later.
     Retry {
         /// What went wrong, with the URL.
@@ -232,6 +235,9 @@ impl Sender {
                 match status {
                     200..=299 => Outcome::Delivered,
                     400 | 413 | 422 => Outcome::Refused(status),
+                    404 => Outcome::NoIngestRoute(format!(
+                        "{url}: HTTP 404: this manager has no ingest route"
+                    )),
                     _ => Outcome::Retry {
                         error: format!("{url}: HTTP {status}"),
                         retry_after,
@@ -283,6 +289,18 @@ impl Sender {
                 self.shared.status().refused(n as u64, msg);
                 self.backoff.reset();
                 None
+            }
+            Outcome::NoIngestRoute(error) => {
+                drop(batch);
+                let buffered = self.shared.buffer.len();
+                if self.shared.status().no_ingest_route(error.clone()) {
+                    log::warn!(
+                        "{error}; keeping the newest {} samples (now {buffered}) and asking again every {}s; a pull-model manager reads /metrics meanwhile",
+                        self.shared.buffer.capacity(),
+                        crate::backoff::BACKOFF_CAP.as_secs()
+                    );
+                }
+                Some(crate::backoff::BACKOFF_CAP)
             }
             Outcome::Retry {
                 error,

@@ -32,6 +32,10 @@ pub enum PushState {
     /// samples were dropped. Stays until a batch is accepted again, so a
     /// receiver that refuses everything never looks healthy.
     Rejecting,
+    /// The manager answered 404: it has no ingest route (yet). Samples stay
+    /// buffered and the route is tried again at the backoff ceiling
+    /// (docs/manager.md).
+    NoIngestRoute,
 }
 
 /// Whether the agent is collecting on schedule.
@@ -96,6 +100,16 @@ impl Status {
         }
     }
 
+    /// The manager has no ingest route (HTTP 404); the batch is kept.
+    /// Returns true when this starts the state, so that it is logged once.
+    pub fn no_ingest_route(&mut self, error: String) -> bool {
+        self.consecutive_failures += 1;
+        let first = self.push_state != PushState::NoIngestRoute;
+        self.push_state = PushState::NoIngestRoute;
+        self.last_error = Some(error);
+        first
+    }
+
     /// There is no default route to fill `{gateway}` with yet.
     pub fn waiting_for_route(&mut self) {
         self.push_state = PushState::Waiting;
@@ -129,6 +143,8 @@ pub struct Shared {
     interval: Duration,
     config_errors: Vec<String>,
     status: Mutex<Status>,
+    /// The guest-address report to a pull-model manager (docs/manager.md).
+    pub guest_ip_report: crate::guest_ip::ReportState,
 }
 
 impl Shared {
@@ -156,6 +172,7 @@ impl Shared {
                 guest_ip: None,
                 collector_errors: BTreeMap::new(),
             }),
+            guest_ip_report: crate::guest_ip::ReportState::new(config),
         })
     }
 
@@ -232,6 +249,7 @@ impl Shared {
             rejected: st.rejected,
             config_errors: self.config_errors.clone(),
             collector_errors: st.collector_errors,
+            guest_ip_report: self.guest_ip_report.snapshot(),
         }
     }
 }
@@ -251,7 +269,7 @@ pub struct Health {
     pub last_seq: Option<u64>,
     /// The collection interval in milliseconds.
     pub interval_ms: u64,
-    /// `off`, `waiting`, `ok`, `failing` or `rejecting`.
+    /// `off`, `waiting`, `ok`, `failing`, `rejecting` or `no_ingest_route`.
     pub push_state: PushState,
     /// The resolved push URL in use.
     pub push_target: Option<String>,
@@ -279,4 +297,6 @@ pub struct Health {
     pub config_errors: Vec<String>,
     /// Sources failing at the last collection.
     pub collector_errors: BTreeMap<String, String>,
+    /// The guest-address report to a pull-model manager; null when off.
+    pub guest_ip_report: Option<crate::guest_ip::GuestIpReport>,
 }

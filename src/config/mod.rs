@@ -107,6 +107,9 @@ pub struct Config {
     pub format: Format,
     /// Bearer token for pushes, from `token` or `token_file`.
     pub token: Option<Secret>,
+    /// Where the guest's address is reported, for a manager that pulls
+    /// (docs/manager.md); `None` when off.
+    pub manager_url: Option<UrlTemplate>,
     /// Every setting's final value and source, in table order.
     pub origins: Vec<Origin>,
     /// Bad values from the environment, cmdline or file (each was skipped).
@@ -175,7 +178,7 @@ pub fn resolve(
     let path = config_path.unwrap_or(Path::new(file::DEFAULT_PATH));
     match file::read(path) {
         Ok(f) => {
-            for (key, name, value) in f.entries {
+            for (key, name, value) in f.implied.into_iter().chain(f.entries) {
                 offers.push((name, offer(Source::File, key, &value)));
             }
             errors.extend(f.errors);
@@ -295,6 +298,10 @@ fn build(origins: Vec<Origin>, errors: Vec<String>, warnings: Vec<String>) -> Re
             Format::Json
         },
         token,
+        manager_url: match get("manager_url") {
+            None | Some("off") => None,
+            Some(u) => Some(UrlTemplate::parse(u).map_err(|e| internal("manager_url", e))?),
+        },
         origins: origins.clone(),
         errors,
         warnings,

@@ -173,6 +173,16 @@ pub const SETTINGS: &[Setting] = &[
         help: "a file (mode 0600) whose content is the token; beats token from a lower source",
         check: check_path,
     },
+    // The pull-model manager's side of the drop-in mode (docs/manager.md).
+    Setting {
+        name: "manager_url",
+        value_name: "URL|off",
+        default: None,
+        on_cmdline: true,
+        secret: false,
+        help: "manager base URL told the guest's address (POST URL/v1/vms/VM_ID/guest-ip); MANAGER_URL in the config file sets it",
+        check: check_url,
+    },
 ];
 
 /// The row of `name`.
