@@ -38,6 +38,7 @@ pub mod route;
 pub mod sample;
 pub mod status;
 pub mod stop;
+pub mod vsock;
 
 pub use collect::{AGENT_VERSION, Collector};
 pub use config::Config;

@@ -26,7 +26,15 @@ pub struct UrlTemplate {
 impl UrlTemplate {
     /// Checks the URL's shape; `off` is handled by the caller.
     pub fn parse(raw: &str) -> std::result::Result<UrlTemplate, String> {
-        let expected = "off, or http://HOST[:PORT]/PATH where HOST may be {gateway}";
+        // vsock: its own shape, no gateway (docs/vsock.md).
+        if crate::vsock::is_vsock(raw) {
+            crate::vsock::VsockUrl::parse(raw)?;
+            return Ok(UrlTemplate {
+                raw: raw.to_string(),
+            });
+        }
+        let expected = "off, http://HOST[:PORT]/PATH where HOST may be {gateway}, \
+                        or vsock://CID:PORT/PATH";
         let rest = raw
             .strip_prefix("http://")
             .ok_or_else(|| match raw.split_once("://") {
