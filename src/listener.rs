@@ -484,7 +484,7 @@ pub fn render(route: Route, shared: &Shared) -> (u16, Vec<u8>) {
             let health = shared.health();
             let (status, body) = json_body(&health);
             // The code follows the body's own verdict, so the two agree.
-            if status == 200 && health.status != "ok" {
+            if status == 200 && health.status != crate::status::HealthState::Ok {
                 (503, body)
             } else {
                 (status, body)

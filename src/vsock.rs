@@ -34,8 +34,6 @@ use ureq::unversioned::transport::{
 
 /// The URL scheme.
 pub const SCHEME: &str = "vsock://";
-/// The host's CID, as every guest sees it (`VMADDR_CID_HOST`).
-pub const VMADDR_CID_HOST: u32 = 2;
 /// CIDs that are never a push target: 0 is the hypervisor
 /// (`VMADDR_CID_HYPERVISOR`), 1 the guest's own loopback
 /// (`VMADDR_CID_LOCAL`), `u32::MAX` the bind-only wildcard (`VMADDR_CID_ANY`).
@@ -176,7 +174,9 @@ impl StreamConnector {
         }
     }
 
-    /// A connector to the Unix stream socket at `path`.
+    /// A connector to the Unix stream socket at `path`: the in-process
+    /// tests' stand-in for the host side, which is one on Firecracker.
+    #[cfg(test)]
     pub fn unix(path: &std::path::Path) -> io::Result<StreamConnector> {
         Ok(StreamConnector {
             domain: Domain::UNIX,
@@ -575,6 +575,24 @@ mod tests {
         assert_eq!(post(&agent, "[1]").unwrap(), 204);
         assert_eq!(seen.recv_timeout(WAIT).unwrap().body, b"[1]");
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn the_url_template_takes_vsock_urls_and_gives_no_guest_address() {
+        use crate::route::{Lookups, UrlTemplate, guest_ip};
+        let t = UrlTemplate::parse("vsock://2:1024/v1/guest-metrics").unwrap();
+        assert!(!t.needs_gateway());
+        let target = t.resolve(None).expect("no gateway needed");
+        assert_eq!(target.url, "vsock://2:1024/v1/guest-metrics");
+        assert_eq!(target.literal(), None);
+        assert_eq!(
+            guest_ip(&target, &Lookups::default(), Duration::from_secs(1)),
+            None
+        );
+        let e = UrlTemplate::parse("vsock://2/x").unwrap_err();
+        assert!(e.contains("the port is missing"), "{e}");
+        let e = UrlTemplate::parse("vsocks://2:1/x").unwrap_err();
+        assert!(e.contains("vsock://CID:PORT/PATH"), "{e}");
     }
 
     #[test]

@@ -108,11 +108,6 @@ impl Collector {
         &self.run_id
     }
 
-    /// The proc root this collector reads.
-    pub fn proc_root(&self) -> &Path {
-        &self.root
-    }
-
     /// Sources failing at the last collection, with their errors.
     pub fn failures(&self) -> &BTreeMap<&'static str, String> {
         &self.failing

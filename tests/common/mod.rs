@@ -43,6 +43,7 @@ pub struct Request {
 #[derive(Default)]
 struct State {
     requests: Vec<Request>,
+    connections: u64,
 }
 
 /// An HTTP/1.1 receiver with keep-alive, on 127.0.0.1.
@@ -68,6 +69,7 @@ impl Receiver {
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
+                s.lock().unwrap().connections += 1;
                 let (m, s) = (m.clone(), s.clone());
                 std::thread::spawn(move || serve(conn, m, s));
             }
@@ -81,6 +83,11 @@ impl Receiver {
 
     pub fn set_mode(&self, mode: Mode) {
         *self.mode.lock().unwrap() = mode;
+    }
+
+    /// Connections accepted so far (in `Reset` mode, each is a failed push).
+    pub fn connections(&self) -> u64 {
+        self.state.lock().unwrap().connections
     }
 
     pub fn requests(&self) -> Vec<Request> {
@@ -108,14 +115,6 @@ impl Receiver {
     pub fn wait_for(&self, secs: u64, what: &str, pred: impl Fn(&Receiver) -> bool) {
         wait_until(secs, what, || pred(self));
     }
-}
-
-/// A port nothing listens on (bound, then released).
-pub fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
 }
 
 /// Polls `pred` every 20 ms until it holds; panics after `secs` seconds.
@@ -225,6 +224,117 @@ fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Parsed> {
             return None;
         }
         buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The agent binary as a child process, killed if the test ends early
+/// (a panic included), with its stderr collected as it comes.
+pub struct AgentProcess {
+    child: std::process::Child,
+    stderr: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AgentProcess {
+    /// Starts `guest-agent ARGS` on the fixture proc root with no config
+    /// file and the listener off unless `args` says otherwise.
+    pub fn start(args: &[&str]) -> AgentProcess {
+        use std::process::{Command, Stdio};
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_guest-agent"));
+        cmd.args(["--proc-root", &fixture_root(), "--config", "/nonexistent"]);
+        // Only what the test says: nothing from the caller's environment.
+        for s in guest_agent::config::settings::SETTINGS {
+            cmd.env_remove(s.env());
+        }
+        if !args.contains(&"--listen") {
+            cmd.args(["--listen", "off"]);
+        }
+        let mut child = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start guest-agent");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (mut pipe, sink) = (child.stderr.take().unwrap(), stderr.clone());
+        let reader = std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&chunk[..n]));
+            }
+        });
+        AgentProcess {
+            child,
+            stderr,
+            reader: Some(reader),
+        }
+    }
+
+    /// Everything it wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until its stderr has a line containing `text`; returns the line.
+    pub fn wait_for_log(&self, secs: u64, text: &str) -> String {
+        let mut line = String::new();
+        wait_until(secs, text, || {
+            match self.stderr().lines().find(|l| l.contains(text)) {
+                Some(l) => {
+                    line = l.to_string();
+                    true
+                }
+                None => false,
+            }
+        });
+        line
+    }
+
+    /// The listener's address, from its start-up log line.
+    pub fn listen_addr(&self) -> SocketAddr {
+        let line = self.wait_for_log(30, "listening on ");
+        let addr = line.rsplit("listening on ").next().unwrap_or_default();
+        addr.trim_start_matches("http://")
+            .split_whitespace()
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+    }
+
+    /// Sends `signal` (`TERM`, `INT`, `KILL`) to it.
+    pub fn signal(&self, signal: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(ok.success(), "kill -{signal} failed");
+    }
+
+    /// Waits for it to exit (at most `secs`); its status and stderr.
+    pub fn wait(mut self, secs: u64) -> (std::process::ExitStatus, String) {
+        let mut status = None;
+        wait_until(secs, "the agent to exit", || {
+            status = self.child.try_wait().expect("try_wait");
+            status.is_some()
+        });
+        // The reader sees end of file once the process is gone.
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        (status.unwrap(), self.stderr())
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
