@@ -317,12 +317,15 @@ mod tests {
 
     #[test]
     fn malformed_line_is_an_error_naming_the_file() {
-        let dir = std::env::temp_dir().join(format!("ga-route-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("net")).unwrap();
-        std::fs::write(dir.join("net/route"), table(&["eth0\tzz\t0100007F\t0003"])).unwrap();
-        let err = default_gateway(&dir).unwrap_err();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("net")).unwrap();
+        std::fs::write(
+            dir.path().join("net/route"),
+            table(&["eth0\tzz\t0100007F\t0003"]),
+        )
+        .unwrap();
+        let err = default_gateway(dir.path()).unwrap_err();
         assert!(err.to_string().contains("net/route"), "{err}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

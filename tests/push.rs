@@ -360,14 +360,7 @@ fn collection_goes_on_while_a_request_hangs() {
 
 /// GET /health of a child agent, as JSON.
 fn health_of(addr: std::net::SocketAddr) -> serde_json::Value {
-    let mut resp = ureq::get(&format!("http://{addr}/health"))
-        .config()
-        .timeout_global(Some(Duration::from_secs(10)))
-        .http_status_as_error(false)
-        .build()
-        .call()
-        .expect("GET /health");
-    serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap()
+    serde_json::from_str(&common::get(addr, "/health").1).unwrap()
 }
 
 #[test]

@@ -25,12 +25,15 @@ pub enum Mode {
     CloseMidResponse,
     /// Accept the connection and close it at once.
     Reset,
+    /// 204 for a JSON array of samples of this schema, 400 for anything else.
+    Samples,
 }
 
 /// One request the receiver saw.
 #[derive(Debug, Clone)]
 pub struct Request {
     pub at: Instant,
+    pub method: String,
     pub path: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
@@ -135,7 +138,7 @@ fn serve(mut conn: TcpStream, mode: Arc<Mutex<Mode>>, state: Arc<Mutex<State>>) 
         if matches!(*mode.lock().unwrap(), Mode::Reset) {
             return;
         }
-        let Some((path, headers, body)) = read_request(&mut conn, &mut buf) else {
+        let Some((method, path, headers, body)) = read_request(&mut conn, &mut buf) else {
             return;
         };
         let samples = serde_json::from_slice::<Vec<serde_json::Value>>(&body).unwrap_or_default();
@@ -145,10 +148,15 @@ fn serve(mut conn: TcpStream, mode: Arc<Mutex<Mode>>, state: Arc<Mutex<State>>) 
             Mode::Status(code, h) => (*code, h.clone()),
             Mode::TooLargeAbove(n) if samples.len() > *n => (413, vec![]),
             Mode::TooLargeAbove(_) => (204, vec![]),
+            Mode::Samples => match serde_json::from_slice::<Vec<guest_agent::Sample>>(&body) {
+                Ok(_) => (204, vec![]),
+                Err(_) => (400, vec![]),
+            },
             Mode::Hang | Mode::CloseMidResponse | Mode::Reset => (0, vec![]),
         };
         state.lock().unwrap().requests.push(Request {
             at: Instant::now(),
+            method,
             path,
             headers,
             body,
@@ -181,8 +189,8 @@ fn serve(mut conn: TcpStream, mode: Arc<Mutex<Mode>>, state: Arc<Mutex<State>>) 
     }
 }
 
-/// A request's path, lower-cased headers and body.
-type Parsed = (String, Vec<(String, String)>, Vec<u8>);
+/// A request's method, path, lower-cased headers and body.
+type Parsed = (String, String, Vec<(String, String)>, Vec<u8>);
 
 /// Reads one request (head and Content-Length body) from a keep-alive
 /// connection; `buf` carries bytes read past the previous request.
@@ -192,6 +200,7 @@ fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Parsed> {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut req = httparse::Request::new(&mut headers);
         if let Ok(httparse::Status::Complete(head_len)) = req.parse(buf) {
+            let method = req.method.unwrap_or("").to_string();
             let path = req.path.unwrap_or("").to_string();
             let hs: Vec<(String, String)> = req
                 .headers
@@ -217,7 +226,7 @@ fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Parsed> {
             }
             let body = buf[head_len..head_len + len].to_vec();
             buf.drain(..head_len + len);
-            return Some((path, hs, body));
+            return Some((method, path, hs, body));
         }
         let n = conn.read(&mut chunk).ok()?;
         if n == 0 {
@@ -336,6 +345,38 @@ impl Drop for AgentProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `GET http://ADDR/PATH` (bounded by a generous deadline): the status and
+/// the body as text.
+pub fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut resp = ureq::get(&format!("http://{addr}{path}"))
+        .config()
+        .timeout_global(Some(Duration::from_secs(30)))
+        .http_status_as_error(false)
+        .build()
+        .call()
+        .unwrap_or_else(|e| panic!("GET {path} from {addr}: {e}"));
+    let body = resp.body_mut().read_to_string().unwrap_or_default();
+    (resp.status().as_u16(), body)
+}
+
+/// `guest-agent --once --url off ARGS` with no config file and nothing
+/// from the caller's environment: the sample as JSON.
+pub fn once(args: &[&str]) -> serde_json::Value {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_guest-agent"));
+    cmd.args(["--once", "--url", "off", "--config", "/nonexistent"])
+        .args(args);
+    for s in guest_agent::config::settings::SETTINGS {
+        cmd.env_remove(s.env());
+    }
+    let out = cmd.output().expect("run guest-agent --once");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("--once prints JSON")
 }
 
 /// The fixture proc root captured from a real machine.
