@@ -9,7 +9,6 @@
 //! Nothing here touches a network: the guest has none, and the host side is
 //! Unix sockets in `target/vsock-vm/`.
 
-mod common;
 #[path = "vsock_vm/host.rs"]
 mod host;
 #[allow(dead_code, unused_imports)]

@@ -106,6 +106,11 @@ impl HostSide {
         }
     }
 
+    /// The host socket for guest connections to CID 2 `port`.
+    pub fn port_socket(&self, port: u32) -> PathBuf {
+        PathBuf::from(format!("{}_{port}", self.uds_path.display()))
+    }
+
     /// QEMU arguments for the vsock device; the guest memory must be
     /// shared with the daemon.
     pub fn qemu_args(&self) -> Vec<String> {
@@ -126,10 +131,15 @@ impl HostSide {
             "vhost-user-vsock-device,chardev=vsock0".into(),
         ]
     }
+}
 
-    /// The host socket for guest connections to CID 2 `port`.
-    pub fn port_socket(&self, port: u32) -> PathBuf {
-        PathBuf::from(format!("{}_{port}", self.uds_path.display()))
+impl Drop for HostSide {
+    /// The folder (sockets, NDJSON files, the daemon's log) is kept when the
+    /// test failed, for diagnosis.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -140,7 +150,7 @@ pub struct Manager {
 
 impl Manager {
     pub fn start(socket: &Path, ndjson: &Path) -> Manager {
-        let bin = crate::common::example_binary("manager");
+        let bin = crate::vm_harness::common::example_binary("manager");
         let mut child = Command::new(&bin)
             .arg("--unix")
             .arg(socket)
