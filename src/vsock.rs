@@ -427,8 +427,9 @@ mod tests {
     }
 
     /// A minimal HTTP/1.1 server on a Unix socket, as a Firecracker host
-    /// side is: answers 204 and keeps the connection, or closes it after
-    /// each answer when `close_after` is set. Runs until the test process ends.
+    /// side is: answers 204 with keep-alive, and with `close_after` closes
+    /// the connection right after the answer anyway. Runs until the test
+    /// process ends.
     fn serve(
         listener: std::os::unix::net::UnixListener,
         close_after: bool,
@@ -467,16 +468,16 @@ mod tests {
                         }
                         let body = buf[len..len + length].to_vec();
                         buf.drain(..len + length);
-                        let reply = if close_after {
-                            "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n"
-                        } else {
-                            "HTTP/1.1 204 No Content\r\n\r\n"
-                        };
+                        // The answer always offers keep-alive, so the client
+                        // pools the connection even when it is closed next.
+                        let reply = "HTTP/1.1 204 No Content\r\n\r\n";
                         if stream.write_all(reply.as_bytes()).is_err() {
                             return;
                         }
                         if close_after {
-                            // Closed before the test hears of the request.
+                            // Closed before the test hears of the request:
+                            // the pooled connection is dead, as after a
+                            // snapshot restore or a host-side restart.
                             let _ = stream.shutdown(std::net::Shutdown::Both);
                         }
                         let _ = tx.send(Seen { conn, head, body });
