@@ -3,8 +3,12 @@
 //! docs/design.md#delivery), in one std-only file.
 //!
 //! ```text
-//! cargo run --example manager -- [--listen 127.0.0.1:18080] [--ndjson FILE] [--token TOKEN]
+//! cargo run --example manager -- [--listen 127.0.0.1:18080 | --unix PATH] [--ndjson FILE] [--token TOKEN]
 //! ```
+//!
+//! `--unix PATH` listens on a Unix socket instead: the host side of a
+//! Firecracker VM whose agent pushes over vsock is `--unix <uds_path>_PORT`
+//! (docs/vsock.md).
 //!
 //! It accepts `POST /v1/guest-metrics` with a JSON array of samples and
 //! hands the body to the library's ingest kit (`guest_agent::ingest`), which
@@ -34,6 +38,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -76,8 +81,10 @@ fn main() {
     }
 }
 
-const USAGE: &str = "usage: manager [--listen ADDR:PORT] [--ndjson FILE] [--token TOKEN]
+const USAGE: &str =
+    "usage: manager [--listen ADDR:PORT | --unix PATH] [--ndjson FILE] [--token TOKEN]
   --listen ADDR:PORT  where to listen (default 127.0.0.1:18080; port 0 picks one)
+  --unix PATH         listen on a Unix socket instead (a Firecracker vsock host side)
   --ndjson FILE       append each new sample to FILE as one JSON line
   --token TOKEN       require Authorization: Bearer TOKEN
 ";
@@ -85,6 +92,7 @@ const USAGE: &str = "usage: manager [--listen ADDR:PORT] [--ndjson FILE] [--toke
 /// The command line.
 struct Options {
     listen: SocketAddr,
+    unix: Option<PathBuf>,
     ndjson: Option<PathBuf>,
     token: Option<String>,
 }
@@ -94,6 +102,7 @@ impl Options {
     fn parse(args: &[String]) -> Result<Option<Options>, String> {
         let mut opts = Options {
             listen: SocketAddr::from(([127, 0, 0, 1], 18080)),
+            unix: None,
             ndjson: None,
             token: None,
         };
@@ -112,6 +121,7 @@ impl Options {
                         format!("--listen {value:?}: expected an address such as 127.0.0.1:18080")
                     })?
                 }
+                "--unix" => opts.unix = Some(PathBuf::from(value)),
                 "--ndjson" => opts.ndjson = Some(PathBuf::from(value)),
                 "--token" => {
                     if value.is_empty() || !value.bytes().all(|b| b.is_ascii_graphic()) {
@@ -121,6 +131,9 @@ impl Options {
                 }
                 _ => return Err(format!("unknown argument {flag:?}")),
             }
+        }
+        if opts.unix.is_some() && args.iter().any(|a| a == "--listen") {
+            return Err("--listen and --unix exclude each other".into());
         }
         Ok(Some(opts))
     }
@@ -146,12 +159,101 @@ pub type Sink = Box<dyn Fn(&Sample) + Send + Sync>;
 
 fn run(opts: Options) -> Result<(), String> {
     let (listener, shared) = open(opts, Box::new(print_summary))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| format!("cannot read the bound address: {e}"))?;
-    println!("listening on {addr}");
+    println!("listening on {}", listener.name()?);
     accept_loop(listener, shared);
     Ok(())
+}
+
+/// Binds a Unix socket at `path`. A socket file left by a listener that
+/// was killed (nothing accepts on it any more) is replaced, so a restarted
+/// host side needs no clean-up; a live one is an error.
+fn bind_unix(path: &std::path::Path) -> Result<UnixListener, String> {
+    use std::os::unix::fs::FileTypeExt;
+    let stale = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+        && UnixStream::connect(path).is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused);
+    if stale {
+        std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove the stale socket {}: {e}", path.display()))?;
+    }
+    UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))
+}
+
+/// Where connections come from.
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    /// What the first stdout line names: the bound address (the port chosen
+    /// for port 0), or `unix:PATH`.
+    fn name(&self) -> Result<String, String> {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .map_err(|e| format!("cannot read the bound address: {e}")),
+            Listener::Unix(l) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
+                .ok_or_else(|| "cannot read the bound socket path".into()),
+        }
+    }
+
+    fn accept(&self) -> io::Result<(Stream, String)> {
+        match self {
+            Listener::Tcp(l) => l.accept().map(|(s, a)| (Stream::Tcp(s), a.to_string())),
+            Listener::Unix(l) => l.accept().map(|(s, _)| (Stream::Unix(s), "unix".into())),
+        }
+    }
+}
+
+/// One accepted connection, TCP or Unix.
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(t),
+            Stream::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.flush(),
+            Stream::Unix(s) => s.flush(),
+        }
+    }
 }
 
 /// Starts a receiver on `listen` on its own thread, giving every new sample
@@ -159,13 +261,17 @@ fn run(opts: Options) -> Result<(), String> {
 pub fn spawn(listen: SocketAddr, sink: Sink) -> Result<SocketAddr, String> {
     let opts = Options {
         listen,
+        unix: None,
         ndjson: None,
         token: None,
     };
     let (listener, shared) = open(opts, sink)?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| format!("cannot read the bound address: {e}"))?;
+    let addr = match &listener {
+        Listener::Tcp(l) => l
+            .local_addr()
+            .map_err(|e| format!("cannot read the bound address: {e}"))?,
+        Listener::Unix(_) => unreachable!("spawn listens on TCP"),
+    };
     std::thread::Builder::new()
         .name("manager".into())
         .spawn(move || accept_loop(listener, shared))
@@ -174,7 +280,7 @@ pub fn spawn(listen: SocketAddr, sink: Sink) -> Result<SocketAddr, String> {
 }
 
 /// Opens the NDJSON file and binds the listener.
-fn open(opts: Options, sink: Sink) -> Result<(TcpListener, Arc<Shared>), String> {
+fn open(opts: Options, sink: Sink) -> Result<(Listener, Arc<Shared>), String> {
     let ndjson = match &opts.ndjson {
         Some(path) => Some(
             OpenOptions::new()
@@ -185,8 +291,13 @@ fn open(opts: Options, sink: Sink) -> Result<(TcpListener, Arc<Shared>), String>
         ),
         None => None,
     };
-    let listener = TcpListener::bind(opts.listen)
-        .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
+    let listener = match &opts.unix {
+        Some(path) => Listener::Unix(bind_unix(path)?),
+        None => Listener::Tcp(
+            TcpListener::bind(opts.listen)
+                .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?,
+        ),
+    };
     let shared = Arc::new(Shared {
         token: opts.token,
         sink,
@@ -199,10 +310,10 @@ fn open(opts: Options, sink: Sink) -> Result<(TcpListener, Arc<Shared>), String>
 }
 
 /// Serves connections until the process ends.
-fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+fn accept_loop(listener: Listener, shared: Arc<Shared>) {
     let open = Arc::new(AtomicUsize::new(0));
-    for conn in listener.incoming() {
-        let stream = match conn {
+    loop {
+        let (stream, peer) = match listener.accept() {
             Ok(s) => s,
             Err(e) => {
                 // Out of file descriptors, a reset before accept: the
@@ -224,9 +335,6 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             .name("conn".into())
             .spawn(move || {
                 let _slot = guard;
-                let peer = stream
-                    .peer_addr()
-                    .map_or_else(|_| "?".into(), |a| a.to_string());
                 if let Err(e) = serve(Conn::new(stream), &shared) {
                     eprintln!("manager: {peer}: {e}");
                 }
@@ -300,12 +408,12 @@ impl Reply {
 /// A connection with the bytes read from it but not used yet (the start of
 /// a pipelined request).
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     buf: Vec<u8>,
 }
 
 impl Conn {
-    fn new(stream: TcpStream) -> Conn {
+    fn new(stream: Stream) -> Conn {
         Conn {
             stream,
             buf: Vec::new(),

@@ -42,6 +42,7 @@ mod push;
 mod route;
 mod status;
 mod stop;
+mod vsock;
 
 pub use agent::Running;
 pub use collect::{AGENT_VERSION, Collector};

@@ -89,11 +89,15 @@ impl Sender {
             .max_redirects(0)
             .user_agent(format!("guest-agent/{}", crate::AGENT_VERSION))
             .build();
-        let agent = ureq::Agent::with_parts(
-            agent_config,
-            DefaultConnector::new(),
-            LiteralResolver::default(),
-        );
+        // vsock: same agent settings, an AF_VSOCK connector (docs/vsock.md).
+        let agent = match crate::vsock::VsockUrl::parse(template.as_str()) {
+            Ok(vsock) => crate::vsock::agent(agent_config, &vsock),
+            Err(_) => ureq::Agent::with_parts(
+                agent_config,
+                DefaultConnector::new(),
+                LiteralResolver::default(),
+            ),
+        };
         Some(Sender {
             shared,
             agent,
@@ -200,7 +204,7 @@ impl Sender {
         encode::encode(batch, self.format, &mut self.body);
         let mut req = self
             .agent
-            .post(url)
+            .post(&*crate::vsock::request_url(url))
             .header("Content-Type", encode::content_type(self.format));
         if let Some(auth) = &self.authorization {
             req = req.header("Authorization", auth);
