@@ -26,8 +26,10 @@ struct Inner {
     queue: VecDeque<Arc<Sample>>,
     dropped: u64,
     closed: bool,
-    /// The last seq of the batch being sent, if one is in flight.
-    in_flight_through: Option<u64>,
+    /// Samples of the batch being sent still at the front of the queue. A
+    /// count, not a seq: after a snapshot restore seq starts again at 1
+    /// while the parent's samples are still queued (docs/snapshots.md).
+    in_flight: usize,
     /// Samples of the in-flight batch evicted by overflow.
     evicted_in_flight: u64,
 }
@@ -53,8 +55,9 @@ impl Buffer {
     pub fn push(&self, mut sample: Sample) -> Arc<Sample> {
         let mut g = self.lock();
         if g.queue.len() >= self.capacity {
-            let evicted = g.queue.pop_front().map(|s| s.seq);
-            if evicted.is_some() && evicted <= g.in_flight_through {
+            let evicted = g.queue.pop_front().is_some();
+            if evicted && g.in_flight > 0 {
+                g.in_flight -= 1;
                 g.evicted_in_flight += 1;
             } else {
                 g.dropped += 1;
@@ -90,7 +93,7 @@ impl Buffer {
 
     /// The oldest `max` samples, waiting until at least one is there, the
     /// buffer is closed, or `deadline` passes (empty result). They stay in
-    /// the buffer, marked in flight until [`Buffer::remove_through`] or
+    /// the buffer, marked in flight until [`Buffer::remove_in_flight`] or
     /// [`Buffer::release`].
     pub fn peek_batch(&self, max: usize, deadline: Option<Instant>) -> Vec<Arc<Sample>> {
         let mut g = self.lock();
@@ -109,18 +112,16 @@ impl Buffer {
             };
         }
         let batch: Vec<Arc<Sample>> = g.queue.iter().take(max).cloned().collect();
-        g.in_flight_through = batch.last().map(|s| s.seq);
+        g.in_flight = batch.len();
         batch
     }
 
-    /// Removes every sample up to and including `(run_id, seq)` of the last
-    /// sample of a delivered or refused batch. Samples of that batch that
-    /// overflow already dropped are simply no longer there.
-    pub fn remove_through(&self, last_seq: u64) -> usize {
+    /// Removes the in-flight batch, delivered or refused. Samples of that
+    /// batch that overflow already dropped are simply no longer there.
+    pub fn remove_in_flight(&self) -> usize {
         let mut g = self.lock();
-        let n = g.queue.iter().take_while(|s| s.seq <= last_seq).count();
+        let n = std::mem::take(&mut g.in_flight).min(g.queue.len());
         g.queue.drain(..n);
-        g.in_flight_through = None;
         g.evicted_in_flight = 0;
         n
     }
@@ -130,7 +131,7 @@ impl Buffer {
     pub fn release(&self) {
         let mut g = self.lock();
         g.dropped += std::mem::take(&mut g.evicted_in_flight);
-        g.in_flight_through = None;
+        g.in_flight = 0;
     }
 
     /// Wakes every waiter; later `peek_batch` calls return at once.
@@ -189,7 +190,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn peek_does_not_remove_and_remove_through_tolerates_overflow() {
+    fn peek_does_not_remove_and_remove_in_flight_tolerates_overflow() {
         let b = Buffer::new(3);
         for i in 1..=3 {
             b.push(sample(i));
@@ -199,7 +200,7 @@ pub(crate) mod tests {
         assert_eq!(b.len(), 3);
         // While the batch is in flight, overflow drops seq 1.
         b.push(sample(4));
-        assert_eq!(b.remove_through(2), 1);
+        assert_eq!(b.remove_in_flight(), 1);
         assert_eq!(seqs(&b.peek_batch(10, None)), vec![3, 4]);
     }
 
@@ -211,7 +212,8 @@ pub(crate) mod tests {
         let batch = b.peek_batch(2, None);
         b.push(sample(3)); // evicts 1, in flight
         assert_eq!(b.dropped(), 0);
-        b.remove_through(batch[1].seq); // delivered: 1 was not lost
+        assert_eq!(batch.len(), 2);
+        b.remove_in_flight(); // delivered: 1 was not lost
         assert_eq!(b.dropped(), 0);
         assert_eq!(seqs(&b.peek_batch(10, None)), vec![3]);
 
@@ -225,6 +227,18 @@ pub(crate) mod tests {
         b.push(sample(4)); // evicts 2, not in flight
         assert_eq!(b.dropped(), 2);
         assert_eq!(seqs(&b.peek_batch(10, None)), vec![3, 4]);
+    }
+
+    #[test]
+    fn a_batch_spanning_a_restore_is_removed_whole() {
+        // The parent's seq 7 and 8, then the restored run's 1 and 2.
+        let b = Buffer::new(10);
+        for i in [7, 8, 1, 2, 3] {
+            b.push(sample(i));
+        }
+        assert_eq!(seqs(&b.peek_batch(4, None)), vec![7, 8, 1, 2]);
+        assert_eq!(b.remove_in_flight(), 4);
+        assert_eq!(seqs(&b.peek_batch(10, None)), vec![3]);
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub mod influx;
 pub mod listener;
 pub mod logging;
 pub mod push;
+pub mod restore;
 pub mod route;
 pub mod sample;
 pub mod status;

@@ -69,26 +69,16 @@ pub struct Sender {
     resolve_again: bool,
     reported_no_route: bool,
     last_summary: Instant,
+    /// The restore generation last acted on (crate::restore).
+    restores: u64,
 }
 
 impl Sender {
     /// A sender for `config`'s URL; `None` when pushing is off.
     pub fn new(config: &Config, shared: Arc<Shared>, seed: &str) -> Option<Sender> {
+        let shared_restores = shared.restores();
         let template = config.url.clone()?;
-        let agent_config = ureq::Agent::config_builder()
-            .timeout_global(Some(config.timeout))
-            .http_status_as_error(false)
-            // Samples go to the manager and nowhere else: no proxy from the
-            // environment, no redirects.
-            .proxy(None)
-            .max_redirects(0)
-            .user_agent(format!("guest-agent/{}", crate::AGENT_VERSION))
-            .build();
-        let agent = ureq::Agent::with_parts(
-            agent_config,
-            DefaultConnector::new(),
-            LiteralResolver::default(),
-        );
+        let agent = http_agent(config.timeout);
         Some(Sender {
             shared,
             agent,
@@ -104,6 +94,7 @@ impl Sender {
             resolve_again: true,
             reported_no_route: false,
             last_summary: Instant::now(),
+            restores: shared_restores,
         })
     }
 
@@ -116,6 +107,7 @@ impl Sender {
             if stop.is_set() || batch.is_empty() {
                 break;
             }
+            self.after_restore();
             let delay = match self.refresh_target() {
                 None => {
                     self.shared.buffer.release();
@@ -133,6 +125,21 @@ impl Sender {
             }
         }
         self.flush();
+    }
+
+    /// After a snapshot restore (docs/snapshots.md) the kept-alive
+    /// connections belong to the parent and the network may differ: the
+    /// pool goes with the old agent, and the route is looked up again.
+    fn after_restore(&mut self) {
+        let restores = self.shared.restores();
+        if restores == self.restores {
+            return;
+        }
+        self.restores = restores;
+        self.agent = http_agent(self.timeout);
+        self.resolve_again = true;
+        self.backoff.reset();
+        log::info!("restored from a snapshot: new connections, route looked up again");
     }
 
     /// The resolved URL, looked up again after a connection failure.
@@ -250,7 +257,7 @@ impl Sender {
         let n = batch.len() as u64;
         match outcome {
             Outcome::Delivered => {
-                self.shared.buffer.remove_through(last.seq);
+                self.shared.buffer.remove_in_flight();
                 let mut st = self.shared.status();
                 if st.push_state == PushState::Failing {
                     log::info!(
@@ -277,7 +284,7 @@ impl Sender {
                 None
             }
             Outcome::Refused(status) => {
-                self.shared.buffer.remove_through(last.seq);
+                self.shared.buffer.remove_in_flight();
                 let msg = format!(
                     "manager refused samples seq {}..={} with HTTP {status}; they are dropped",
                     first.seq, last.seq
@@ -359,6 +366,24 @@ impl Sender {
             }
         }
     }
+}
+
+/// The HTTP client of pushes, with its own connection pool.
+fn http_agent(timeout: Duration) -> ureq::Agent {
+    let agent_config = ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        // Samples go to the manager and nowhere else: no proxy from the
+        // environment, no redirects.
+        .proxy(None)
+        .max_redirects(0)
+        .user_agent(format!("guest-agent/{}", crate::AGENT_VERSION))
+        .build();
+    ureq::Agent::with_parts(
+        agent_config,
+        DefaultConnector::new(),
+        LiteralResolver::default(),
+    )
 }
 
 /// Resolves an address-literal host (the gateway's address, the usual

@@ -86,6 +86,15 @@ pub struct Sample {
     pub pressure_io_some_avg10: Option<f64>,
     /// Samples this process dropped because the buffer was full.
     pub dropped_samples: u64,
+    /// The `run_id` this run replaced when the VM was restored from a
+    /// snapshot; null for a run that began with the process
+    /// (docs/snapshots.md). Absent in samples of older agents.
+    #[serde(default)]
+    pub restored_from_run_id: Option<String>,
+    /// Snapshot restores this process has gone through; 0 for a fresh
+    /// start. Absent in samples of older agents.
+    #[serde(default)]
+    pub restore_count: u64,
 }
 
 /// Every field name of the schema, in wire order. Used to check that a JSON

@@ -3,6 +3,7 @@
 //! `/metrics` are rendered from it.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -63,6 +64,9 @@ pub struct Shared {
     /// Configuration errors found at start (each one was skipped).
     pub config_errors: Vec<String>,
     status: Mutex<Status>,
+    /// Snapshot restores detected (crate::restore): the sender compares it
+    /// with the last value it saw to drop its connections.
+    restores: AtomicU64,
 }
 
 impl Shared {
@@ -89,6 +93,7 @@ impl Shared {
                 guest_ip: None,
                 collector_errors: BTreeMap::new(),
             }),
+            restores: AtomicU64::new(0),
         })
     }
 
@@ -111,6 +116,16 @@ impl Shared {
                 .map(|(k, v)| (k.to_string(), v.clone()))
                 .collect();
         }
+    }
+
+    /// Records a snapshot restore; returns the new restore generation.
+    pub fn note_restore(&self) -> u64 {
+        self.restores.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The restore generation: snapshot restores detected so far.
+    pub fn restores(&self) -> u64 {
+        self.restores.load(Ordering::SeqCst)
     }
 
     /// The latest sample, if one was collected.
