@@ -186,7 +186,7 @@ impl Drop for Vm {
 }
 
 /// The host's TSC frequency, measured against the monotonic clock once.
-fn host_tsc_khz() -> u64 {
+pub fn host_tsc_khz() -> u64 {
     static KHZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *KHZ.get_or_init(|| {
         // SAFETY: rdtsc has no preconditions on x86_64.
