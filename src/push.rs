@@ -368,8 +368,9 @@ impl Sender {
     }
 }
 
-/// The HTTP client of pushes, with its own connection pool.
-fn http_agent(timeout: Duration) -> ureq::Agent {
+/// The HTTP client of pushes, with its own connection pool; MMDS requests
+/// use one too, so the binary holds one instance of the HTTP stack.
+pub(crate) fn http_agent(timeout: Duration) -> ureq::Agent {
     let agent_config = ureq::Agent::config_builder()
         .timeout_global(Some(timeout))
         .http_status_as_error(false)

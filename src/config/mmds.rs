@@ -117,15 +117,9 @@ pub fn parse_document(body: &[u8]) -> std::result::Result<Document, String> {
 /// `GET /guest_agent` as JSON. Each request is bounded by [`REQUEST_TIMEOUT`].
 pub fn fetch(addr: SocketAddr) -> Result<Document> {
     let base = format!("http://{addr}");
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(REQUEST_TIMEOUT))
-        .http_status_as_error(false)
-        // The metadata service is on the guest's own link: never a proxy.
-        .proxy(None)
-        .max_redirects(0)
-        .user_agent(format!("guest-agent/{}", crate::AGENT_VERSION))
-        .build()
-        .into();
+    // The push client: no proxy, no redirects, statuses as values. One
+    // client type in the binary instead of two (docs/snapshots.md#cost).
+    let agent = crate::push::http_agent(REQUEST_TIMEOUT);
     let err = |url: &str, reason: String| Error::Network {
         target: url.to_string(),
         reason: format!("mmds: {reason}"),
@@ -145,7 +139,7 @@ pub fn fetch(addr: SocketAddr) -> Result<Document> {
         .body_mut()
         .with_config()
         .limit(MAX_BODY)
-        .read_to_string()
+        .read_to_vec()
         .map_err(|e| err(&token_url, format!("HTTP {status}, then {e}")))?;
     if status != 200 {
         return Err(err(
@@ -153,6 +147,7 @@ pub fn fetch(addr: SocketAddr) -> Result<Document> {
             format!("HTTP {status} for a session token"),
         ));
     }
+    let token = String::from_utf8_lossy(&token);
     let token = token.trim();
     if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(err(
