@@ -1,5 +1,5 @@
 //! Firecracker's metadata service (MMDS) as a configuration source
-//! (docs/snapshots.md#mmds).
+//! (docs/snapshots.md#mmds-identity-per-clone).
 //!
 //! Clones of one snapshot share their kernel command line and conf file, so
 //! neither can tell them apart; the host can give each clone its own MMDS

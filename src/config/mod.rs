@@ -2,7 +2,7 @@
 //! sources are merged by precedence (CLI > environment > MMDS > kernel
 //! cmdline > file > default) and validated once into a typed [`Config`].
 //! MMDS is opt-in and ranks above the cmdline and the file because clones
-//! of one snapshot share those (docs/snapshots.md#mmds).
+//! of one snapshot share those (docs/snapshots.md#mmds-identity-per-clone).
 //!
 //! A bad value on the CLI is a usage error (exit 2). A bad value from any
 //! other source is recorded in [`Config::errors`] (logged, and shown in
