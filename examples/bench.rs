@@ -23,15 +23,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use guest_agent::buffer::Buffer;
 use guest_agent::collect::{
     ProcFile, diskstats, filesystem, identity, loadavg, meminfo, net_dev, pressure, processes,
     stat, uptime,
 };
 use guest_agent::config::{self, Format};
-use guest_agent::push::{Outcome, Sender};
-use guest_agent::status::Shared;
-use guest_agent::{Collector, Sample, encode};
+use guest_agent::internals::encode;
+use guest_agent::internals::{Buffer, Outcome, Sender, Shared};
+use guest_agent::{Collector, Sample};
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
@@ -562,7 +561,7 @@ fn whole_sample(n: usize) -> Res<SampleFigures> {
     let mut body = Vec::with_capacity(64 * 1024);
     let collect_encode = measure(n, || {
         let s = Arc::new(c.collect());
-        encode::encode(&[s], Format::Json, &mut body);
+        encode(&[s], Format::Json, &mut body);
         black_box(&body);
     });
 
@@ -800,7 +799,7 @@ struct InProcessMemory {
 fn in_process_memory(long: u64) -> Res<InProcessMemory> {
     let mut c = Collector::new(Path::new("/proc"), Some("bench".into()))?;
     let before = self_rss_kib()?;
-    let buffer = Buffer::new(BUFFER);
+    let buffer = Buffer::new(BUFFER, usize::MAX);
     let mut one: Option<Arc<Sample>> = None;
     for seq in 1..=BUFFER as u64 {
         let mut s = c.collect();
@@ -1032,7 +1031,7 @@ fn only(what: &str, n: usize) -> Res<()> {
             let s = [Arc::new(c.collect())];
             let mut body = Vec::with_capacity(64 * 1024);
             measure(n, || {
-                encode::encode(&s, Format::Json, &mut body);
+                encode(&s, Format::Json, &mut body);
                 black_box(&body);
             })
         }

@@ -122,8 +122,7 @@ fn run(seconds: Option<u64>, interval: &str) -> Result<(), String> {
         let _ = writeln!(out, "{}", row(&s, previous.as_ref()));
         previous = Some(s);
     }
-    let delivered = running.shared().status().delivered;
-    running.stop();
+    let delivered = running.stop().delivered;
     // Samples flushed at the stop arrive after it.
     while let Ok(s) = rx.recv_timeout(Duration::from_millis(200)) {
         received += 1;
@@ -132,7 +131,7 @@ fn run(seconds: Option<u64>, interval: &str) -> Result<(), String> {
     }
     let _ = writeln!(
         out,
-        "\nreceived {received} samples (the agent counted {delivered} delivered before the stop)"
+        "\nreceived {received} samples (the agent counted {delivered} delivered)"
     );
     Ok(())
 }

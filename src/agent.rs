@@ -10,7 +10,7 @@ use crate::Collector;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::push::Sender;
-use crate::status::Shared;
+use crate::status::{Health, Shared};
 use crate::stop::Stop;
 
 /// An agent running in this process.
@@ -22,46 +22,47 @@ pub struct Running {
     listener: Option<crate::listener::Listener>,
 }
 
-/// Starts collecting (first sample at once), pushing and listening.
+/// Starts collecting (first sample at once), pushing and listening. If a
+/// thread cannot be started, whatever did start is stopped again before the
+/// error is returned.
 pub fn start(config: Config) -> Result<Running> {
     let collector = Collector::new(&config.proc_root, config.vm_id.clone())?;
     let shared = Shared::new(&config);
     // Known before the first sample when the target is an address; a host
-    // name is looked up later by the sender.
-    shared.status().guest_ip = crate::cli::guest_ip(&config);
-    let stop = Arc::new(Stop::new());
+    // name is looked up later, by the sender, with a deadline.
+    let guest_ip = config
+        .resolved_target()
+        .and_then(|t| t.literal())
+        .and_then(|a| crate::route::source_address(a).ok())
+        .map(|ip| ip.to_string());
+    shared.status().set_target(None, guest_ip);
+    // From here on, dropping `running` (an early return) stops every thread
+    // started so far: none is left waiting on a buffer nobody fills.
+    let mut running = Running {
+        shared: shared.clone(),
+        stop: Arc::new(Stop::new()),
+        collector: None,
+        sender: None,
+        listener: None,
+    };
 
     // A listener that cannot bind (port taken) must not stop pushing.
-    let listener = config.listen.and_then(|addr| {
+    running.listener = config.listen.and_then(|addr| {
         crate::listener::spawn(addr, shared.clone())
             .map_err(|e| log::error!("listener: {e}; going on without it"))
             .ok()
     });
 
-    let sender = match Sender::new(&config, shared.clone(), collector.run_id()) {
-        Some(sender) => {
-            let stop = stop.clone();
-            let t = std::thread::Builder::new()
-                .name("push".into())
-                .spawn(move || sender.run(&stop))
-                .map_err(|source| Error::Startup {
-                    what: "the push thread",
-                    source,
-                })?;
-            Some(t)
-        }
-        None => None,
-    };
+    if let Some(sender) = Sender::new(&config, shared.clone(), collector.run_id()) {
+        let stop = running.stop.clone();
+        running.sender = Some(spawn("the push thread", "push", move || sender.run(&stop))?);
+    }
     let interval = config.interval;
     let restorer = crate::restore::Restorer::new(&config);
-    let (sh, st) = (shared.clone(), stop.clone());
-    let collector = std::thread::Builder::new()
-        .name("collect".into())
-        .spawn(move || collect_loop(collector, restorer, &sh, &st, interval))
-        .map_err(|source| Error::Startup {
-            what: "the collection thread",
-            source,
-        })?;
+    let (sh, st) = (shared.clone(), running.stop.clone());
+    running.collector = Some(spawn("the collection thread", "collect", move || {
+        collect_loop(collector, restorer, &sh, &st, interval)
+    })?);
     log::info!(
         "guest-agent {} started: every {}, {}",
         crate::AGENT_VERSION,
@@ -74,19 +75,29 @@ pub fn start(config: Config) -> Result<Running> {
                 u.as_str()
             ))
     );
-    Ok(Running {
-        shared,
-        stop,
-        collector: Some(collector),
-        sender,
-        listener,
-    })
+    Ok(running)
+}
+
+fn spawn(
+    what: &'static str,
+    name: &str,
+    f: impl FnOnce() + Send + 'static,
+) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|source| Error::Startup { what, source })
 }
 
 impl Running {
-    /// The state shared with the listener.
-    pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
+    /// What `/health` would say now.
+    pub fn health(&self) -> Health {
+        self.shared.health()
+    }
+
+    /// The latest sample, as `/metrics` would serve it.
+    pub fn latest(&self) -> Option<Arc<crate::Sample>> {
+        self.shared.latest()
     }
 
     /// The listener's bound address, if it runs.
@@ -94,15 +105,12 @@ impl Running {
         self.listener.as_ref().map(|l| l.local_addr())
     }
 
-    /// The stop handle: triggering it ends collection.
-    pub fn stop_handle(&self) -> Arc<Stop> {
-        self.stop.clone()
-    }
-
-    /// Stops collecting, flushes the buffer for at most the timeout, stops
-    /// the listener, and waits for every thread.
-    pub fn stop(mut self) {
+    /// Stops collecting, flushes the buffer until the request timeout has
+    /// passed since this call, stops the listener, and waits for every
+    /// thread. Returns what `/health` says after all that.
+    pub fn stop(mut self) -> Health {
         self.shutdown();
+        self.shared.health()
     }
 
     fn shutdown(&mut self) {
@@ -134,7 +142,7 @@ impl Drop for Running {
 /// A sample is numbered only after a check for a snapshot restore made a
 /// moment after its collection, so that one collected in a clone before the
 /// kernel has logged the VM fork is not numbered in the parent's run
-/// (docs/snapshots.md).
+/// (docs/snapshots.md#timing).
 fn collect_loop(
     mut collector: Collector,
     mut restorer: crate::restore::Restorer,
@@ -160,7 +168,7 @@ fn collect_loop(
         }
         seq += 1;
         sample.seq = seq;
-        sample.guest_ip = shared.status().guest_ip.clone();
+        sample.guest_ip = shared.status().guest_ip().map(str::to_string);
         let errors = collector
             .take_failures_changed()
             .then(|| collector.failures());
@@ -178,7 +186,9 @@ fn collect_loop(
     }
 }
 
-/// Runs until SIGTERM or SIGINT, then stops as [`Running::stop`] does.
+/// Runs until SIGTERM or SIGINT, then stops as [`Running::stop`] does. A
+/// second signal during the flush ends the process at once (exit status
+/// 128 + the signal, as a shell reports a killed process).
 pub fn run(config: Config) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(|source| {
@@ -190,10 +200,21 @@ pub fn run(config: Config) -> Result<()> {
     let running = start(config)?;
     if let Some(sig) = signals.forever().next() {
         log::info!(
-            "signal {sig}: stopping; flushing {} buffered samples",
-            running.shared().buffer.len()
+            "signal {sig}: stopping; flushing {} buffered samples (a second signal exits at once)",
+            running.shared.buffer.len()
         );
     }
+    let handle = signals.handle();
+    let second = spawn("the second-signal watcher", "signals", move || {
+        if let Some(sig) = signals.forever().next() {
+            log::warn!("signal {sig} again: exiting without finishing the flush");
+            std::process::exit(128 + sig);
+        }
+    });
+    if let Err(e) = second {
+        log::warn!("{e}; a second signal will not cut the flush short");
+    }
     running.stop();
+    handle.close();
     Ok(())
 }

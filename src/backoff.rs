@@ -38,11 +38,6 @@ impl Backoff {
         self.failures = 0;
     }
 
-    /// Failures since the last reset.
-    pub fn failures(&self) -> u32 {
-        self.failures
-    }
-
     /// The ceiling for the next delay: 1 s, 2 s, 4 s … capped at 60 s.
     pub fn ceiling(&self) -> Duration {
         let doublings = self.failures.saturating_sub(1).min(16);
@@ -103,7 +98,6 @@ mod tests {
         }
         assert!(seen.len() > 50, "jitter should spread delays");
         b.reset();
-        assert_eq!(b.failures(), 0);
         assert!(b.next_delay(None) <= BACKOFF_BASE);
     }
 

@@ -1,17 +1,22 @@
-//! The bounded FIFO between collection and delivery (GUIDE §5).
+//! The bounded FIFO between collection and delivery
+//! (docs/design.md#delivery).
 //!
-//! When full, the oldest sample is dropped and counted; nothing else ever
-//! removes a sample except confirmed delivery or a refusal of its payload.
-//! The sender reads a batch without removing it, and removes it only once
-//! the manager has answered, so a failed request loses nothing. A sample
-//! evicted while it is in flight is counted as dropped only if that request
-//! fails: if it succeeds, the sample was delivered, not lost.
+//! It holds at most `capacity` samples and at most `max_bytes` bytes of
+//! them; when either bound is reached the oldest sample is dropped and
+//! counted. Nothing else ever removes a sample except confirmed delivery or
+//! a refusal of its payload. The sender takes a [`Batch`] that stays in the
+//! buffer until the batch is settled: [`Batch::remove`] once the manager has
+//! answered, or dropped (released) when the request failed, so a failed
+//! request loses nothing and a forgotten batch cannot leave the buffer
+//! stuck. A sample evicted while it is in flight is counted as dropped only
+//! if that request fails: if it succeeds, the sample was delivered, not lost.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use crate::Sample;
+use crate::sample::Value;
 
 /// The sample queue shared by the collector and the sender.
 #[derive(Debug)]
@@ -19,45 +24,87 @@ pub struct Buffer {
     inner: Mutex<Inner>,
     ready: Condvar,
     capacity: usize,
+    max_bytes: usize,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
-    queue: VecDeque<Arc<Sample>>,
+    queue: VecDeque<(Arc<Sample>, usize)>,
+    bytes: usize,
     dropped: u64,
     closed: bool,
-    /// Samples of the batch being sent still at the front of the queue. A
-    /// count, not a seq: after a snapshot restore seq starts again at 1
-    /// while the parent's samples are still queued (docs/snapshots.md).
-    in_flight: usize,
+    /// Samples of the batch being sent still at the front of the queue, if
+    /// one is in flight. A count, not a seq: after a snapshot restore seq
+    /// starts again at 1 while the parent's samples are still queued
+    /// (docs/snapshots.md).
+    in_flight: Option<usize>,
     /// Samples of the in-flight batch evicted by overflow.
     evicted_in_flight: u64,
 }
 
+/// The buffer's figures for `/health`, read under one lock.
+#[derive(Debug, Clone, Copy)]
+pub struct Stats {
+    /// Samples waiting.
+    pub len: usize,
+    /// Bytes they take.
+    pub bytes: usize,
+    /// Samples dropped so far because the buffer was full.
+    pub dropped: u64,
+}
+
+/// The memory a queued sample takes: the struct, its text fields and the
+/// shared pointer's counts. Allocator rounding is left out; the bound is
+/// about orders of magnitude, not bytes.
+pub fn footprint(sample: &Sample) -> usize {
+    let mut text = 0;
+    sample.visit(|_, v| {
+        if let Value::Text(t) = v {
+            text += t.len();
+        }
+    });
+    std::mem::size_of::<Sample>() + 2 * std::mem::size_of::<usize>() + text
+}
+
+/// What a sample with typical ids and names takes ([`footprint`]); used to
+/// say how many samples a byte bound holds before any was collected.
+pub const TYPICAL_SAMPLE_BYTES: usize =
+    std::mem::size_of::<Sample>() + 2 * std::mem::size_of::<usize>() + 160;
+
 impl Buffer {
-    /// An empty buffer holding at most `capacity` samples (at least 1).
-    pub fn new(capacity: usize) -> Buffer {
+    /// An empty buffer holding at most `capacity` samples (at least 1) and
+    /// at most `max_bytes` of them (at least one sample, whatever its size).
+    pub fn new(capacity: usize, max_bytes: usize) -> Buffer {
         Buffer {
             inner: Mutex::new(Inner::default()),
             ready: Condvar::new(),
             capacity: capacity.max(1),
+            max_bytes,
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic elsewhere must not stop collection: the queue stays valid.
+        // Never poisoned in the release build (panic = abort); in tests a
+        // panicking thread must not stop the others: the queue stays valid.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends a sample, first dropping the oldest if the buffer is full. The
-    /// sample's `dropped_samples` is set to the count including that drop.
-    /// Returns the sample as queued, shared (the listener serves the same one).
+    /// Appends a sample, first dropping the oldest while the buffer is full
+    /// in samples or bytes. The sample's `dropped_samples` is set to the
+    /// count including those drops. Returns the sample as queued, shared
+    /// (the listener serves the same one).
     pub fn push(&self, mut sample: Sample) -> Arc<Sample> {
+        let size = footprint(&sample);
         let mut g = self.lock();
-        if g.queue.len() >= self.capacity {
-            let evicted = g.queue.pop_front().is_some();
-            if evicted && g.in_flight > 0 {
-                g.in_flight -= 1;
+        while !g.queue.is_empty()
+            && (g.queue.len() >= self.capacity || g.bytes + size > self.max_bytes)
+        {
+            let Some((_, bytes)) = g.queue.pop_front() else {
+                break;
+            };
+            g.bytes -= bytes;
+            if let Some(n) = g.in_flight.as_mut().filter(|n| **n > 0) {
+                *n -= 1;
                 g.evicted_in_flight += 1;
             } else {
                 g.dropped += 1;
@@ -65,7 +112,8 @@ impl Buffer {
         }
         sample.dropped_samples = g.dropped;
         let sample = Arc::new(sample);
-        g.queue.push_back(sample.clone());
+        g.queue.push_back((sample.clone(), size));
+        g.bytes += size;
         drop(g);
         self.ready.notify_all();
         sample
@@ -83,7 +131,17 @@ impl Buffer {
 
     /// True when nothing waits for delivery.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.lock().queue.is_empty()
+    }
+
+    /// The figures `/health` shows.
+    pub fn stats(&self) -> Stats {
+        let g = self.lock();
+        Stats {
+            len: g.queue.len(),
+            bytes: g.bytes,
+            dropped: g.dropped,
+        }
     }
 
     /// The capacity in samples.
@@ -91,11 +149,15 @@ impl Buffer {
         self.capacity
     }
 
+    /// The bound in bytes.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
     /// The oldest `max` samples, waiting until at least one is there, the
-    /// buffer is closed, or `deadline` passes (empty result). They stay in
-    /// the buffer, marked in flight until [`Buffer::remove_in_flight`] or
-    /// [`Buffer::release`].
-    pub fn peek_batch(&self, max: usize, deadline: Option<Instant>) -> Vec<Arc<Sample>> {
+    /// buffer is closed, or `deadline` passes (an empty batch). They stay in
+    /// the buffer until the batch is settled.
+    pub fn batch(&self, max: usize, deadline: Option<Instant>) -> Batch<'_> {
         let mut g = self.lock();
         while g.queue.is_empty() && !g.closed {
             g = match deadline {
@@ -111,38 +173,72 @@ impl Buffer {
                 }
             };
         }
-        let batch: Vec<Arc<Sample>> = g.queue.iter().take(max).cloned().collect();
-        g.in_flight = batch.len();
-        batch
+        let samples: Vec<Arc<Sample>> = g.queue.iter().take(max).map(|(s, _)| s.clone()).collect();
+        g.in_flight = (!samples.is_empty()).then_some(samples.len());
+        Batch {
+            buffer: self,
+            samples,
+        }
     }
 
-    /// Removes the in-flight batch, delivered or refused. Samples of that
-    /// batch that overflow already dropped are simply no longer there.
-    pub fn remove_in_flight(&self) -> usize {
-        let mut g = self.lock();
-        let n = std::mem::take(&mut g.in_flight).min(g.queue.len());
-        g.queue.drain(..n);
-        g.evicted_in_flight = 0;
-        n
-    }
-
-    /// Ends an in-flight batch that was not delivered: its samples stay
-    /// queued, and those evicted meanwhile now count as dropped.
-    pub fn release(&self) {
-        let mut g = self.lock();
-        g.dropped += std::mem::take(&mut g.evicted_in_flight);
-        g.in_flight = 0;
-    }
-
-    /// Wakes every waiter; later `peek_batch` calls return at once.
+    /// Wakes every waiter; later [`Buffer::batch`] calls return at once.
     pub fn close(&self) {
         self.lock().closed = true;
         self.ready.notify_all();
     }
+}
 
-    /// Whether [`Buffer::close`] was called.
-    pub fn is_closed(&self) -> bool {
-        self.lock().closed
+/// Samples taken for one request. They stay in the buffer until
+/// [`Batch::remove`]; dropping the batch instead releases them for a later
+/// attempt.
+#[derive(Debug)]
+pub struct Batch<'a> {
+    buffer: &'a Buffer,
+    samples: Vec<Arc<Sample>>,
+}
+
+impl Batch<'_> {
+    /// The samples, oldest first.
+    pub fn samples(&self) -> &[Arc<Sample>] {
+        &self.samples
+    }
+
+    /// True when nothing was waiting (closed buffer or deadline).
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// The seqs of the first and last sample, for messages.
+    pub fn seqs(&self) -> (u64, u64) {
+        let seq = |s: Option<&Arc<Sample>>| s.map_or(0, |s| s.seq);
+        (seq(self.samples.first()), seq(self.samples.last()))
+    }
+
+    /// The manager answered for these samples (accepted or refused them):
+    /// removes them. Those that overflow already dropped are simply no
+    /// longer there. Returns how many were removed.
+    pub fn remove(self) -> usize {
+        if self.samples.is_empty() {
+            return 0;
+        }
+        let mut g = self.buffer.lock();
+        let n = g.in_flight.take().unwrap_or(0).min(g.queue.len());
+        let bytes: usize = g.queue.drain(..n).map(|(_, b)| b).sum();
+        g.bytes -= bytes;
+        g.evicted_in_flight = 0;
+        n
+        // Drop runs next and finds nothing in flight.
+    }
+}
+
+impl Drop for Batch<'_> {
+    /// Not removed: the samples stay queued, and those evicted meanwhile
+    /// now count as dropped.
+    fn drop(&mut self) {
+        let mut g = self.buffer.lock();
+        if g.in_flight.take().is_some() {
+            g.dropped += std::mem::take(&mut g.evicted_in_flight);
+        }
     }
 }
 
@@ -170,85 +266,115 @@ pub(crate) mod tests {
         Sample::from_json_strict(&json).unwrap()
     }
 
-    fn seqs(v: &[Arc<Sample>]) -> Vec<u64> {
-        v.iter().map(|s| s.seq).collect()
+    fn seqs(b: &Batch<'_>) -> Vec<u64> {
+        b.samples().iter().map(|s| s.seq).collect()
     }
+
+    const ROOMY: usize = 1 << 30;
 
     #[test]
     fn overflow_drops_oldest_and_counts_in_later_samples() {
-        let b = Buffer::new(3);
+        let b = Buffer::new(3, ROOMY);
         for i in 1..=5 {
             b.push(sample(i));
         }
-        let all = b.peek_batch(10, None);
+        let all = b.batch(10, None);
         assert_eq!(seqs(&all), vec![3, 4, 5]);
-        assert_eq!(b.dropped(), 2);
         assert_eq!(
-            all.iter().map(|s| s.dropped_samples).collect::<Vec<_>>(),
+            all.samples()
+                .iter()
+                .map(|s| s.dropped_samples)
+                .collect::<Vec<_>>(),
             vec![0, 1, 2]
         );
+        drop(all);
+        assert_eq!(b.dropped(), 2);
     }
 
     #[test]
-    fn peek_does_not_remove_and_remove_in_flight_tolerates_overflow() {
-        let b = Buffer::new(3);
+    fn a_batch_stays_until_removed_and_removal_tolerates_overflow() {
+        let b = Buffer::new(3, ROOMY);
         for i in 1..=3 {
             b.push(sample(i));
         }
-        let batch = b.peek_batch(2, None);
+        let batch = b.batch(2, None);
         assert_eq!(seqs(&batch), vec![1, 2]);
         assert_eq!(b.len(), 3);
         // While the batch is in flight, overflow drops seq 1.
         b.push(sample(4));
-        assert_eq!(b.remove_in_flight(), 1);
-        assert_eq!(seqs(&b.peek_batch(10, None)), vec![3, 4]);
+        assert_eq!(batch.remove(), 1);
+        assert_eq!(seqs(&b.batch(10, None)), vec![3, 4]);
+        assert_eq!(b.dropped(), 0);
     }
 
     #[test]
     fn eviction_of_an_in_flight_sample_counts_only_if_the_request_fails() {
-        let b = Buffer::new(2);
+        let b = Buffer::new(2, ROOMY);
         b.push(sample(1));
         b.push(sample(2));
-        let batch = b.peek_batch(2, None);
+        let batch = b.batch(2, None);
         b.push(sample(3)); // evicts 1, in flight
         assert_eq!(b.dropped(), 0);
-        assert_eq!(batch.len(), 2);
-        b.remove_in_flight(); // delivered: 1 was not lost
+        batch.remove(); // delivered: 1 was not lost
         assert_eq!(b.dropped(), 0);
-        assert_eq!(seqs(&b.peek_batch(10, None)), vec![3]);
+        assert_eq!(seqs(&b.batch(10, None)), vec![3]);
 
-        let b = Buffer::new(2);
+        let b = Buffer::new(2, ROOMY);
         b.push(sample(1));
         b.push(sample(2));
-        b.peek_batch(2, None);
+        let batch = b.batch(2, None);
         b.push(sample(3)); // evicts 1, in flight
-        b.release(); // the request failed: 1 is lost
+        drop(batch); // the request failed: 1 is lost
         assert_eq!(b.dropped(), 1);
         b.push(sample(4)); // evicts 2, not in flight
         assert_eq!(b.dropped(), 2);
-        assert_eq!(seqs(&b.peek_batch(10, None)), vec![3, 4]);
+        assert_eq!(seqs(&b.batch(10, None)), vec![3, 4]);
+    }
+
+    #[test]
+    fn the_byte_bound_keeps_the_newest_that_fit() {
+        let one = footprint(&sample(1));
+        let b = Buffer::new(1000, 3 * one);
+        for i in 1..=10 {
+            b.push(sample(i));
+        }
+        let st = b.stats();
+        assert_eq!((st.len, st.dropped), (3, 7));
+        assert_eq!(st.bytes, 3 * one);
+        assert_eq!(seqs(&b.batch(10, None)), vec![8, 9, 10]);
+        // Even a bound smaller than one sample keeps the newest one.
+        let b = Buffer::new(1000, 1);
+        b.push(sample(1));
+        b.push(sample(2));
+        assert_eq!(seqs(&b.batch(10, None)), vec![2]);
+        // Removal gives the bytes back.
+        let b = Buffer::new(10, ROOMY);
+        b.push(sample(1));
+        b.batch(10, None).remove();
+        assert_eq!(b.stats().bytes, 0);
     }
 
     #[test]
     fn a_batch_spanning_a_restore_is_removed_whole() {
-        // The parent's seq 7 and 8, then the restored run's 1 and 2.
-        let b = Buffer::new(10);
+        // The parent's seq 7 and 8, then the restored run's 1, 2 and 3.
+        let b = Buffer::new(10, ROOMY);
         for i in [7, 8, 1, 2, 3] {
             b.push(sample(i));
         }
-        assert_eq!(seqs(&b.peek_batch(4, None)), vec![7, 8, 1, 2]);
-        assert_eq!(b.remove_in_flight(), 4);
-        assert_eq!(seqs(&b.peek_batch(10, None)), vec![3]);
+        let batch = b.batch(4, None);
+        assert_eq!(seqs(&batch), vec![7, 8, 1, 2]);
+        assert_eq!(batch.remove(), 4);
+        assert_eq!(seqs(&b.batch(10, None)), vec![3]);
     }
 
     #[test]
-    fn peek_waits_until_deadline_or_close() {
-        let b = std::sync::Arc::new(Buffer::new(2));
+    fn batch_waits_until_deadline_or_close() {
+        let b = std::sync::Arc::new(Buffer::new(2, ROOMY));
         let soon = Instant::now() + std::time::Duration::from_millis(20);
-        assert!(b.peek_batch(1, Some(soon)).is_empty());
+        assert!(b.batch(1, Some(soon)).is_empty());
         let b2 = b.clone();
-        let t = std::thread::spawn(move || b2.peek_batch(1, None));
+        let t = std::thread::spawn(move || b2.batch(1, None).is_empty());
         b.close();
-        assert!(t.join().unwrap().is_empty());
+        assert!(t.join().unwrap());
     }
 }

@@ -14,8 +14,8 @@ pub const ONCE_WINDOW: Duration = Duration::from_millis(500);
 
 /// Runs the agent with `args` (without the program name) and `env`; returns
 /// the process exit code. Usage errors are printed here and give 2.
-pub fn main_with(args: &[String], env: &[(String, String)]) -> i32 {
-    match run(args, env) {
+pub fn main_with(args: &[std::ffi::OsString], env: &[(String, String)]) -> i32 {
+    match utf8_args(args).and_then(|args| run(&args, env)) {
         Ok(code) => code,
         Err(e @ Error::Usage(_)) => {
             eprintln!("guest-agent: {e}");
@@ -26,6 +26,29 @@ pub fn main_with(args: &[String], env: &[(String, String)]) -> i32 {
             1
         }
     }
+}
+
+/// The arguments as text. One that is not UTF-8 is a usage error naming
+/// it and the flag it belongs to, never a panic.
+fn utf8_args(args: &[std::ffi::OsString]) -> Result<Vec<String>> {
+    let mut out: Vec<String> = Vec::with_capacity(args.len());
+    for a in args {
+        match a.to_str() {
+            Some(s) => out.push(s.to_string()),
+            None => {
+                let shown = a.to_string_lossy();
+                let flag = match shown.split_once('=') {
+                    Some((f, _)) if f.starts_with("--") => Some(f.to_string()),
+                    _ => out.last().filter(|p| p.starts_with("--")).cloned(),
+                };
+                return Err(Error::Usage(match flag {
+                    Some(f) => format!("invalid {f} value {shown:?}: not valid UTF-8"),
+                    None => format!("argument {shown:?} is not valid UTF-8"),
+                }));
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn run(args: &[String], env: &[(String, String)]) -> Result<i32> {
@@ -81,21 +104,17 @@ fn print_out(text: &str) -> i32 {
 
 /// One sample over a [`ONCE_WINDOW`] window, with no network traffic: the
 /// guest address is asked of the routing table only for an address-literal
-/// URL (a connected UDP socket sends nothing).
+/// URL (a connected UDP socket sends nothing; a name would need DNS).
 pub fn once(config: &Config) -> Result<Sample> {
     let mut collector = Collector::new(&config.proc_root, config.vm_id.clone())?;
     collector.collect();
     std::thread::sleep(ONCE_WINDOW);
     let mut sample = collector.collect();
     sample.seq = 1;
-    sample.guest_ip = guest_ip(config);
+    sample.guest_ip = config
+        .resolved_target()
+        .and_then(|t| t.literal())
+        .and_then(|a| route::source_address(a).ok())
+        .map(|ip| ip.to_string());
     Ok(sample)
-}
-
-/// The guest's source address toward the resolved push URL, when its host
-/// is an address.
-pub fn guest_ip(config: &Config) -> Option<String> {
-    let url = config.resolved_url()?;
-    let target = route::literal_target(&url)?;
-    route::source_address(target).ok().map(|ip| ip.to_string())
 }

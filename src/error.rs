@@ -24,17 +24,6 @@ pub enum Error {
         /// What was wrong with it.
         reason: String,
     },
-    /// A setting had a value that is not accepted.
-    Setting {
-        /// Where the value came from (`cli`, `env`, `cmdline`, `file`).
-        source: &'static str,
-        /// The setting's key as spelled in that source (`--interval`, `GUEST_AGENT_INTERVAL`).
-        key: String,
-        /// The rejected value.
-        value: String,
-        /// What is accepted instead.
-        expected: String,
-    },
     /// The command line itself was malformed (unknown flag, missing value).
     Usage(String),
     /// The agent could not set itself up (a thread, a signal handler).
@@ -58,12 +47,6 @@ impl fmt::Display for Error {
         match self {
             Error::Read { path, source } => write!(f, "cannot read {}: {source}", path.display()),
             Error::Parse { path, reason } => write!(f, "cannot parse {}: {reason}", path.display()),
-            Error::Setting {
-                source,
-                key,
-                value,
-                expected,
-            } => write!(f, "{source}: invalid {key}={value:?}: expected {expected}"),
             Error::Usage(msg) => write!(f, "{msg}"),
             Error::Startup { what, source } => write!(f, "cannot start {what}: {source}"),
             Error::Network { target, reason } => write!(f, "{target}: {reason}"),

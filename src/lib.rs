@@ -22,25 +22,41 @@
 #![deny(missing_docs)]
 
 pub mod agent;
-pub mod backoff;
-pub mod buffer;
 pub mod cli;
 pub mod collect;
 pub mod config;
-pub mod cpu;
-pub mod encode;
 pub mod error;
-pub mod influx;
-pub mod listener;
-pub mod logging;
-pub mod push;
-pub mod restore;
-pub mod route;
 pub mod sample;
-pub mod status;
-pub mod stop;
 
+mod backoff;
+mod buffer;
+mod cpu;
+mod encode;
+mod influx;
+mod listener;
+mod logging;
+mod push;
+mod restore;
+mod route;
+mod status;
+mod stop;
+
+pub use agent::Running;
 pub use collect::{AGENT_VERSION, Collector};
 pub use config::Config;
 pub use error::{Error, Result};
 pub use sample::Sample;
+pub use status::{Health, HealthState, PushState};
+
+/// The agent's parts, reachable for its own benchmarks and tests. Not a
+/// stable interface: anything here may change in any release.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::buffer::{Batch, Buffer, footprint};
+    pub use crate::encode::{content_type, encode};
+    pub use crate::listener::{Listener, MAX_CONNECTIONS, spawn as spawn_listener};
+    pub use crate::push::{Outcome, Sender};
+    pub use crate::route::{Target, UrlTemplate, parse_default_gateway};
+    pub use crate::status::Shared;
+    pub use crate::stop::Stop;
+}

@@ -169,7 +169,9 @@ struct Slots(Mutex<Vec<Option<TcpStream>>>);
 
 impl Slots {
     fn lock(&self) -> MutexGuard<'_, Vec<Option<TcpStream>>> {
-        // Slots are plain data; a panicked connection thread leaves them valid.
+        // The release build aborts on panic, so this lock is never poisoned
+        // there; in test builds a panicking connection thread leaves plain
+        // data behind, still valid.
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -194,7 +196,8 @@ impl Slots {
     }
 }
 
-/// Frees a slot when its connection thread ends, panics included.
+/// Frees a slot when its connection thread ends, however it ends (an early
+/// return, or in test builds a panic; the release build aborts on panic).
 struct SlotGuard {
     slots: Arc<Slots>,
     index: usize,
@@ -484,7 +487,7 @@ pub fn render(route: Route, shared: &Shared) -> (u16, Vec<u8>) {
             let health = shared.health();
             let (status, body) = json_body(&health);
             // The code follows the body's own verdict, so the two agree.
-            if status == 200 && health.status != "ok" {
+            if status == 200 && health.status != crate::status::HealthState::Ok {
                 (503, body)
             } else {
                 (status, body)

@@ -1,4 +1,4 @@
-//! Delivery (GUIDE §5): the sender thread posts the oldest buffered samples
+//! Delivery (docs/design.md#delivery): the sender thread posts the oldest buffered samples
 //! in batches and removes them only once the manager has answered.
 //!
 //! 2xx removes the batch. 400 and 422 mean the payload itself is refused: the
@@ -9,17 +9,18 @@
 //! have moved it. Logging follows state changes plus a periodic summary, so a
 //! long outage does not flood the log.
 
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::Sample;
 use crate::backoff::{Backoff, parse_retry_after};
+use crate::buffer::Batch;
 use crate::config::{Config, Format};
 use crate::encode;
-use crate::route::{self, UrlTemplate};
-use crate::status::{PushState, Shared};
+use crate::route::{self, Lookups, Target, UrlTemplate};
+use crate::status::Shared;
 use crate::stop::Stop;
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
@@ -65,7 +66,8 @@ pub struct Sender {
     batch_limit: usize,
     backoff: Backoff,
     body: Vec<u8>,
-    target: Option<String>,
+    target: Option<Target>,
+    lookups: Lookups,
     resolve_again: bool,
     reported_no_route: bool,
     last_summary: Instant,
@@ -76,9 +78,9 @@ pub struct Sender {
 impl Sender {
     /// A sender for `config`'s URL; `None` when pushing is off.
     pub fn new(config: &Config, shared: Arc<Shared>, seed: &str) -> Option<Sender> {
-        let shared_restores = shared.restores();
         let template = config.url.clone()?;
         let agent = http_agent(config.timeout);
+        let restores = shared.restores();
         Some(Sender {
             shared,
             agent,
@@ -91,31 +93,33 @@ impl Sender {
             backoff: Backoff::new(seed),
             body: Vec::with_capacity(64 * 1024),
             target: None,
+            lookups: Lookups::default(),
             resolve_again: true,
             reported_no_route: false,
             last_summary: Instant::now(),
-            restores: shared_restores,
+            restores,
         })
     }
 
-    /// Sends until `stop`, then flushes what is buffered for at most the
-    /// request timeout.
+    /// Sends until `stop`, then flushes what is buffered until the request
+    /// timeout has passed since the stop.
     pub fn run(mut self, stop: &Stop) {
-        self.refresh_target();
+        let shared = self.shared.clone();
+        self.refresh_target(true);
         loop {
-            let batch = self.shared.buffer.peek_batch(self.batch_limit, None);
+            let batch = shared.buffer.batch(self.batch_limit, None);
             if stop.is_set() || batch.is_empty() {
                 break;
             }
             self.after_restore();
-            let delay = match self.refresh_target() {
+            let delay = match self.refresh_target(true) {
                 None => {
-                    self.shared.buffer.release();
+                    drop(batch);
                     self.no_route_delay()
                 }
-                Some(url) => {
-                    let outcome = self.send(&url, &batch, None);
-                    self.settle(outcome, &batch)
+                Some(target) => {
+                    let outcome = self.send(&target.url, batch.samples(), None);
+                    self.settle(outcome, batch)
                 }
             };
             if let Some(d) = delay
@@ -124,12 +128,12 @@ impl Sender {
                 break;
             }
         }
-        self.flush();
+        self.flush(stop.deadline_after(self.timeout));
     }
 
     /// After a snapshot restore (docs/snapshots.md) the kept-alive
     /// connections belong to the parent and the network may differ: the
-    /// pool goes with the old agent, and the route is looked up again.
+    /// pool goes with the old client, and the route is looked up again.
     fn after_restore(&mut self) {
         let restores = self.shared.restores();
         if restores == self.restores {
@@ -142,8 +146,10 @@ impl Sender {
         log::info!("restored from a snapshot: new connections, route looked up again");
     }
 
-    /// The resolved URL, looked up again after a connection failure.
-    fn refresh_target(&mut self) -> Option<String> {
+    /// The push target, looked up again after a connection failure. The
+    /// guest's address toward it is looked up with it, unless `with_guest_ip`
+    /// is false (at shutdown, where nothing may wait on a name lookup).
+    fn refresh_target(&mut self, with_guest_ip: bool) -> Option<Target> {
         if !self.resolve_again && self.target.is_some() {
             return self.target.clone();
         }
@@ -162,14 +168,17 @@ impl Sender {
         if target != self.target
             && let Some(t) = &target
         {
-            log::info!("pushing to {t}");
+            log::info!("pushing to {}", t.url);
             self.reported_no_route = false;
         }
-        let guest_ip = target.as_deref().and_then(source_ip);
-        let mut st = self.shared.status();
-        st.target = target.clone();
-        st.guest_ip = guest_ip;
-        drop(st);
+        if with_guest_ip {
+            let guest_ip = target
+                .as_ref()
+                .and_then(|t| route::guest_ip(t, &self.lookups, self.timeout))
+                .map(|ip| ip.to_string());
+            let url = target.as_ref().map(|t| t.url.clone());
+            self.shared.status().set_target(url, guest_ip);
+        }
         self.target = target;
         self.resolve_again = false;
         self.target.clone()
@@ -185,10 +194,7 @@ impl Sender {
             );
             self.reported_no_route = true;
         }
-        let mut st = self.shared.status();
-        st.push_state = PushState::Waiting;
-        st.last_error = Some("no default route".into());
-        drop(st);
+        self.shared.status().waiting_for_route();
         self.resolve_again = true;
         Some(NO_ROUTE_POLL)
     }
@@ -248,54 +254,40 @@ impl Sender {
         }
     }
 
-    /// Applies an outcome to the buffer and status; returns how long to wait
-    /// before the next request, if at all.
-    fn settle(&mut self, outcome: Outcome, batch: &[Arc<Sample>]) -> Option<Duration> {
-        let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
-            return None;
-        };
-        let n = batch.len() as u64;
+    /// Applies an outcome to the batch and the status; returns how long to
+    /// wait before the next request, if at all.
+    fn settle(&mut self, outcome: Outcome, batch: Batch<'_>) -> Option<Duration> {
+        let n = batch.samples().len();
+        let (first, last) = batch.seqs();
         match outcome {
             Outcome::Delivered => {
-                self.shared.buffer.remove_in_flight();
-                let mut st = self.shared.status();
-                if st.push_state == PushState::Failing {
+                batch.remove();
+                let ended = self.shared.status().delivered(n as u64);
+                if ended > 0 {
                     log::info!(
-                        "delivering again after {} failed attempts; {} samples buffered",
-                        st.consecutive_failures,
+                        "delivering again after {ended} failed attempts; {} samples buffered",
                         self.shared.buffer.len()
                     );
                 }
-                st.delivered += n;
-                st.push_state = PushState::Ok;
-                st.consecutive_failures = 0;
-                drop(st);
                 self.backoff.reset();
                 None
             }
-            Outcome::Refused(413) if batch.len() > 1 => {
-                self.shared.buffer.release();
-                self.batch_limit = (batch.len() / 2).max(1);
+            Outcome::Refused(413) if n > 1 => {
+                drop(batch);
+                self.batch_limit = (n / 2).max(1);
                 log::warn!(
-                    "manager answered 413 to {} samples; sending at most {} per request from now on",
-                    batch.len(),
+                    "manager answered 413 to {n} samples; sending at most {} per request from now on",
                     self.batch_limit
                 );
                 None
             }
             Outcome::Refused(status) => {
-                self.shared.buffer.remove_in_flight();
+                batch.remove();
                 let msg = format!(
-                    "manager refused samples seq {}..={} with HTTP {status}; they are dropped",
-                    first.seq, last.seq
+                    "manager refused samples seq {first}..={last} with HTTP {status}; they are dropped"
                 );
                 log::error!("{msg}");
-                let mut st = self.shared.status();
-                st.rejected += n;
-                st.push_state = PushState::Ok;
-                st.consecutive_failures = 0;
-                st.last_error = Some(msg);
-                drop(st);
+                self.shared.status().refused(n as u64, msg);
                 self.backoff.reset();
                 None
             }
@@ -304,25 +296,20 @@ impl Sender {
                 retry_after,
                 transport,
             } => {
-                self.shared.buffer.release();
+                drop(batch);
                 if transport {
                     self.resolve_again = true;
                 }
                 let delay = self.backoff.next_delay(retry_after);
                 let buffered = self.shared.buffer.len();
-                let mut st = self.shared.status();
-                st.consecutive_failures += 1;
-                let first_failure = st.push_state != PushState::Failing;
-                st.push_state = PushState::Failing;
-                st.last_error = Some(error.clone());
-                let failures = st.consecutive_failures;
-                drop(st);
-                if first_failure {
+                let failure = self.shared.status().failed(error.clone());
+                if failure.first {
                     log::warn!("push failed: {error}; keeping {buffered} samples and retrying");
                     self.last_summary = Instant::now();
                 } else if self.last_summary.elapsed() >= FAILURE_SUMMARY_EVERY {
                     log::warn!(
-                        "push still failing after {failures} attempts: {error}; {buffered} samples buffered, {} dropped",
+                        "push still failing after {} attempts: {error}; {buffered} samples buffered, {} dropped",
+                        failure.consecutive,
                         self.shared.buffer.dropped()
                     );
                     self.last_summary = Instant::now();
@@ -335,33 +322,25 @@ impl Sender {
     }
 
     /// At shutdown: sends what is buffered until it is empty, a request
-    /// fails, or the timeout has passed since the stop.
-    fn flush(&mut self) {
-        let deadline = Instant::now() + self.timeout;
+    /// fails, or `deadline` passes. Every request gets only the time left,
+    /// and no name lookup for the guest's address is made.
+    fn flush(&mut self, deadline: Instant) {
+        let shared = self.shared.clone();
         loop {
-            let batch = self
-                .shared
-                .buffer
-                .peek_batch(self.batch_limit, Some(Instant::now()));
+            let batch = shared.buffer.batch(self.batch_limit, Some(Instant::now()));
             if batch.is_empty() {
                 return;
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            let url = self.refresh_target();
-            let (Some(url), true) = (url, left >= MIN_FLUSH_REQUEST) else {
-                self.shared.buffer.release();
-                log::warn!(
-                    "exiting with {} samples undelivered",
-                    self.shared.buffer.len()
-                );
+            let target = self.refresh_target(false);
+            let (Some(target), true) = (target, left >= MIN_FLUSH_REQUEST) else {
+                drop(batch);
+                log::warn!("exiting with {} samples undelivered", shared.buffer.len());
                 return;
             };
-            let outcome = self.send(&url, &batch, Some(left));
-            if self.settle(outcome, &batch).is_some() {
-                log::warn!(
-                    "exiting with {} samples undelivered",
-                    self.shared.buffer.len()
-                );
+            let outcome = self.send(&target.url, batch.samples(), Some(left));
+            if self.settle(outcome, batch).is_some() {
+                log::warn!("exiting with {} samples undelivered", shared.buffer.len());
                 return;
             }
         }
@@ -427,16 +406,6 @@ impl Resolver for LiteralResolver {
             _ => self.0.resolve(uri, config, timeout),
         }
     }
-}
-
-/// The guest's source address toward a resolved URL. A host name is looked
-/// up here, on the sender's thread, as the request itself would.
-fn source_ip(url: &str) -> Option<String> {
-    let target: SocketAddr = match route::literal_target(url) {
-        Some(t) => t,
-        None => route::host_port(url)?.to_socket_addrs().ok()?.next()?,
-    };
-    route::source_address(target).ok().map(|ip| ip.to_string())
 }
 
 #[cfg(test)]

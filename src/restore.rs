@@ -92,11 +92,6 @@ impl Watcher {
         })
     }
 
-    /// The file watched.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Reads what was logged since the last check; `Some` when a restore
     /// signal is among it. Never blocks: an empty log answers EAGAIN (a
     /// plain file, in tests, answers end of file).

@@ -1,11 +1,19 @@
 //! Where pushes go: the URL template with its `{gateway}` placeholder, the
-//! default gateway from `<proc_root>/net/route` (GUIDE §4), and the guest's
-//! own source address toward the target.
+//! default gateway from `<proc_root>/net/route`, and the guest's own source
+//! address toward the target (docs/design.md#configuration).
+//!
+//! URLs are parsed in one place, here, with the `http` crate's parser (the
+//! one ureq itself uses), so what the configuration accepts is exactly what
+//! the HTTP client can send to.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use procfs::{FromRead, net::RouteEntries};
+use ureq::http::Uri;
 
 use crate::collect::ProcFile;
 use crate::error::{Error, Result};
@@ -13,36 +21,38 @@ use crate::error::{Error, Result};
 /// The placeholder replaced by the current default gateway.
 pub const GATEWAY: &str = "{gateway}";
 
+/// An address that stands in for `{gateway}` while a template is checked.
+const GATEWAY_STAND_IN: &str = "0.0.0.0";
+
 const RTF_UP: u16 = 0x1;
 const RTF_GATEWAY: u16 = 0x2;
 
+/// What a URL that is not accepted gets told.
+const EXPECTED_URL: &str = "off, or http://HOST[:PORT]/PATH where HOST may be {gateway}";
+
 /// A push URL as configured: plain `http://host[:port]/path`, where host may
-/// be `{gateway}`. TLS is not built in (it would triple the binary).
+/// be `{gateway}`. TLS is not built in (docs/design.md#budgets: it would
+/// triple the binary).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UrlTemplate {
     raw: String,
 }
 
+/// A push URL with its host known: what a request is sent to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The whole URL.
+    pub url: String,
+    /// The host: an address literal (brackets removed) or a name.
+    pub host: String,
+    /// The port (80 when the URL names none).
+    pub port: u16,
+}
+
 impl UrlTemplate {
     /// Checks the URL's shape; `off` is handled by the caller.
     pub fn parse(raw: &str) -> std::result::Result<UrlTemplate, String> {
-        let expected = "off, or http://HOST[:PORT]/PATH where HOST may be {gateway}";
-        let rest = raw
-            .strip_prefix("http://")
-            .ok_or_else(|| match raw.split_once("://") {
-                Some((scheme, _)) => format!("{expected} (scheme {scheme} is not supported)"),
-                None => expected.to_string(),
-            })?;
-        let authority = rest.split(['/', '?']).next().unwrap_or("");
-        let (host, port) = split_host_port(authority);
-        if host.is_empty() || authority.contains('@') || rest.contains(char::is_whitespace) {
-            return Err(expected.to_string());
-        }
-        if let Some(p) =
-            port.filter(|p| p.parse::<u16>().is_ok_and(|p| p == 0) || p.parse::<u16>().is_err())
-        {
-            return Err(format!("{expected} (port {p} is not 1-65535)"));
-        }
+        parse_target(&raw.replace(GATEWAY, GATEWAY_STAND_IN))?;
         Ok(UrlTemplate {
             raw: raw.to_string(),
         })
@@ -58,48 +68,135 @@ impl UrlTemplate {
         self.raw.contains(GATEWAY)
     }
 
-    /// The URL with `{gateway}` filled in; `None` when it needs a gateway and
-    /// there is none.
-    pub fn resolve(&self, gateway: Option<Ipv4Addr>) -> Option<String> {
-        if !self.needs_gateway() {
-            return Some(self.raw.clone());
-        }
-        gateway.map(|g| self.raw.replace(GATEWAY, &g.to_string()))
-    }
-}
-
-/// Splits `host[:port]` or `[v6][:port]`.
-fn split_host_port(authority: &str) -> (&str, Option<&str>) {
-    if let Some(rest) = authority.strip_prefix('[') {
-        return match rest.split_once(']') {
-            Some((h, tail)) => (h, tail.strip_prefix(':')),
-            None => ("", None),
+    /// The target with `{gateway}` filled in; `None` when it needs a gateway
+    /// and there is none.
+    pub fn resolve(&self, gateway: Option<Ipv4Addr>) -> Option<Target> {
+        let url = if self.needs_gateway() {
+            self.raw.replace(GATEWAY, &gateway?.to_string())
+        } else {
+            self.raw.clone()
         };
-    }
-    match authority.rsplit_once(':') {
-        Some((h, p)) => (h, Some(p)),
-        None => (authority, None),
+        // The template passed the same parser with a stand-in address.
+        parse_target(&url).ok()
     }
 }
 
-/// The host and port of a resolved `http://` URL (port 80 when absent).
-pub fn host_port(url: &str) -> Option<(&str, u16)> {
-    let rest = url.strip_prefix("http://")?;
-    let authority = rest.split(['/', '?']).next()?;
-    let (host, port) = split_host_port(authority);
-    let port = match port {
-        Some(p) => p.parse().ok()?,
-        None => 80,
+impl Target {
+    /// The socket address, when the host is an address literal (a name
+    /// would need a lookup).
+    pub fn literal(&self) -> Option<SocketAddr> {
+        Some(SocketAddr::new(self.host.parse().ok()?, self.port))
+    }
+}
+
+/// Parses a complete `http://` URL into a [`Target`].
+fn parse_target(url: &str) -> std::result::Result<Target, String> {
+    let uri: Uri = url.parse().map_err(|_| EXPECTED_URL.to_string())?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some(other) => return Err(format!("{EXPECTED_URL} (scheme {other} is not supported)")),
+        None => return Err(EXPECTED_URL.to_string()),
+    }
+    let authority = uri.authority().ok_or(EXPECTED_URL)?;
+    if authority.as_str().contains('@') {
+        return Err(format!("{EXPECTED_URL} (no user:password@)"));
+    }
+    let host = authority.host();
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        return Err(EXPECTED_URL.to_string());
+    }
+    // The parser takes any digits after the colon but gives no number
+    // for those that do not fit a port.
+    let written = authority
+        .as_str()
+        .rsplit_once(':')
+        .map(|(_, p)| p)
+        .filter(|p| !p.contains(']'));
+    let port = match (written, authority.port_u16()) {
+        (None, _) => 80,
+        (Some(_), Some(p)) if p > 0 => p,
+        (Some(p), _) => return Err(format!("{EXPECTED_URL} (port {p} is not 1-65535)")),
     };
-    Some((host, port))
+    Ok(Target {
+        url: url.to_string(),
+        host: host.to_string(),
+        port,
+    })
 }
 
-/// The address a resolved URL points at, when its host is an address
-/// literal (a name would need DNS, which this does not do).
-pub fn literal_target(url: &str) -> Option<SocketAddr> {
-    let (host, port) = host_port(url)?;
-    Some(SocketAddr::new(host.parse().ok()?, port))
+/// The guest's own address toward `target`: the source address the kernel
+/// picks for it. A host name is looked up first, within `timeout`, on
+/// `lookups`' one thread. `None` when there is no route, the name does not
+/// resolve in time, or the lookup thread is still busy with an earlier name.
+pub fn guest_ip(target: &Target, lookups: &Lookups, timeout: Duration) -> Option<IpAddr> {
+    let addr = match target.literal() {
+        Some(a) => a,
+        None => match lookups.resolve(&target.host, target.port, timeout) {
+            Ok(a) => a,
+            Err(e) => {
+                log::debug!("guest address toward {}: {e}", target.url);
+                return None;
+            }
+        },
+    };
+    source_address(addr).ok()
 }
+
+/// Name lookups with a deadline. `getaddrinfo` has no timeout of its own, so
+/// a lookup runs on a thread of its own while the caller waits at most the
+/// deadline; at most one such thread runs at a time, so a resolver that
+/// never answers costs one parked thread, not one per attempt.
+#[derive(Debug, Default, Clone)]
+pub struct Lookups {
+    busy: Arc<AtomicBool>,
+}
+
+impl Lookups {
+    /// The first address of `host:port`, within `timeout`.
+    pub fn resolve(&self, host: &str, port: u16, timeout: Duration) -> std::io::Result<SocketAddr> {
+        use std::io::{Error as IoError, ErrorKind};
+        if self.busy.swap(true, Ordering::AcqRel) {
+            return Err(IoError::new(
+                ErrorKind::WouldBlock,
+                "an earlier name lookup has not returned yet",
+            ));
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let busy = self.busy.clone();
+        let name = format!("{host}:{port}");
+        let spawned = std::thread::Builder::new()
+            .name("lookup".into())
+            .stack_size(LOOKUP_STACK)
+            .spawn(move || {
+                let r = name.to_socket_addrs().map(|mut a| a.next());
+                busy.store(false, Ordering::Release);
+                let _ = tx.send(r);
+            });
+        if let Err(e) = spawned {
+            self.busy.store(false, Ordering::Release);
+            return Err(e);
+        }
+        match rx.recv_timeout(timeout) {
+            Ok(Ok(Some(addr))) => Ok(addr),
+            Ok(Ok(None)) => Err(IoError::new(
+                ErrorKind::NotFound,
+                format!("{host}: no address"),
+            )),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(IoError::new(
+                ErrorKind::TimedOut,
+                format!("looking up {host} took longer than {timeout:?}"),
+            )),
+        }
+    }
+}
+
+/// Stack of the lookup thread: `getaddrinfo` in musl needs little.
+const LOOKUP_STACK: usize = 128 * 1024;
 
 /// The default gateway in `<proc_root>/net/route`: among routes with
 /// destination 0, mask 0 and flags UP|GATEWAY, the lowest metric (the first
@@ -200,12 +297,15 @@ mod tests {
 
     #[test]
     fn malformed_line_is_an_error_naming_the_file() {
-        let dir = std::env::temp_dir().join(format!("ga-route-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("net")).unwrap();
-        std::fs::write(dir.join("net/route"), table(&["eth0\tzz\t0100007F\t0003"])).unwrap();
-        let err = default_gateway(&dir).unwrap_err();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("net")).unwrap();
+        std::fs::write(
+            dir.path().join("net/route"),
+            table(&["eth0\tzz\t0100007F\t0003"]),
+        )
+        .unwrap();
+        let err = default_gateway(dir.path()).unwrap_err();
         assert!(err.to_string().contains("net/route"), "{err}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -213,25 +313,55 @@ mod tests {
         let t = UrlTemplate::parse("http://{gateway}:18080/v1/guest-metrics").unwrap();
         assert!(t.needs_gateway());
         assert_eq!(t.resolve(None), None);
-        assert_eq!(
-            t.resolve(Some(Ipv4Addr::new(10, 0, 2, 2))).as_deref(),
-            Some("http://10.0.2.2:18080/v1/guest-metrics")
-        );
+        let r = t.resolve(Some(Ipv4Addr::new(10, 0, 2, 2))).unwrap();
+        assert_eq!(r.url, "http://10.0.2.2:18080/v1/guest-metrics");
+        assert_eq!(r.literal(), Some("10.0.2.2:18080".parse().unwrap()));
         let fixed = UrlTemplate::parse("http://127.0.0.1:9/x").unwrap();
-        assert_eq!(fixed.resolve(None).as_deref(), Some("http://127.0.0.1:9/x"));
+        assert_eq!(fixed.resolve(None).unwrap().url, "http://127.0.0.1:9/x");
     }
 
     #[test]
-    fn literal_targets() {
+    fn targets_hosts_and_ports() {
+        let t = |u: &str| UrlTemplate::parse(u).unwrap().resolve(None).unwrap();
         assert_eq!(
-            literal_target("http://127.0.0.1:9/x"),
-            Some("127.0.0.1:9".parse().unwrap())
-        );
-        assert_eq!(
-            literal_target("http://[::1]/x"),
+            t("http://[::1]/x").literal(),
             Some("[::1]:80".parse().unwrap())
         );
-        assert_eq!(literal_target("http://manager.local:9/x"), None);
+        let named = t("http://manager.local:9/x");
+        assert_eq!((named.host.as_str(), named.port), ("manager.local", 9));
+        assert_eq!(named.literal(), None);
+    }
+
+    #[test]
+    fn urls_refused_with_the_reason() {
+        for (bad, why) in [
+            ("https://example.invalid/", "scheme https"),
+            ("127.0.0.1:9", ""),
+            ("http://:9/x", ""),
+            ("http://h:99999/", ""),
+            ("http://h:0/", "port 0"),
+            ("http://u:p@h:9/", "user"),
+            ("http://h/a b", ""),
+            ("", ""),
+        ] {
+            let e = UrlTemplate::parse(bad).unwrap_err();
+            assert!(e.starts_with("off, or http://"), "{bad}: {e}");
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn lookups_of_names_have_a_deadline_and_an_answer() {
+        let l = Lookups::default();
+        let a = l.resolve("localhost", 9, Duration::from_secs(30)).unwrap();
+        assert!(a.ip().is_loopback() && a.port() == 9, "{a}");
+        // While a lookup is still out, another is refused at once instead
+        // of stacking threads behind a resolver that does not answer.
+        l.busy.store(true, Ordering::Release);
+        let e = l
+            .resolve("localhost", 9, Duration::from_secs(30))
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
     }
 
     #[test]

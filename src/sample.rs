@@ -1,151 +1,188 @@
-//! The sample: the wire contract of schema 1 (GUIDE §3).
+//! The sample: the wire contract of schema 1 (docs/design.md#the-sample).
 //!
 //! Every field is always present; a figure is `null` only where its source
-//! does not exist on this kernel or failed to read this time.
+//! does not exist on this kernel or failed to read this time. The struct,
+//! the list of field names and the field-by-field walk that the Influx
+//! encoder uses are generated from the one list below, so a new field cannot
+//! reach one consumer and miss another.
 
 use serde::{Deserialize, Serialize};
 
 /// The schema number of [`Sample`]'s shape.
 pub const SCHEMA: u32 = 1;
 
-/// One measurement of the guest, as POSTed (in an array) and served by `/metrics`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Sample {
-    /// Always [`SCHEMA`].
-    pub schema: u32,
-    /// The agent's crate version.
-    pub agent_version: String,
-    /// The VM id from configuration.
-    pub vm_id: Option<String>,
-    /// `sys/kernel/hostname`.
-    pub hostname: Option<String>,
-    /// `sys/kernel/random/boot_id`.
-    pub boot_id: Option<String>,
-    /// A UUID read once per agent process; (`run_id`, `seq`) is unique.
-    pub run_id: String,
-    /// 1, 2, 3… per agent process.
-    pub seq: u64,
-    /// Wall-clock milliseconds since the Unix epoch at collection.
-    pub timestamp_ms: u64,
-    /// Monotonic milliseconds covered by the CPU figures (0 for the first sample).
-    pub window_ms: u64,
-    /// The guest's source address toward the push target.
-    pub guest_ip: Option<String>,
-    /// CPUs listed in `stat`.
-    pub cpu_count: Option<u32>,
-    /// Busy share of the window (user+nice+system+irq+softirq), percent.
-    pub cpu_usage_percent: Option<f64>,
-    /// iowait share of the window, percent.
-    pub cpu_iowait_percent: Option<f64>,
-    /// steal share of the window, percent: time the hypervisor ran something else.
-    pub cpu_steal_percent: Option<f64>,
-    /// Runnable tasks, `stat`.
-    pub procs_running: Option<u32>,
-    /// Tasks blocked on I/O, `stat`.
-    pub procs_blocked: Option<u32>,
-    /// Numeric entries of the proc root.
-    pub process_count: Option<u64>,
-    /// 1-minute load average, `loadavg`.
-    pub load_average: Option<f64>,
-    /// 5-minute load average.
-    pub load_average_5: Option<f64>,
-    /// 15-minute load average.
-    pub load_average_15: Option<f64>,
-    /// MemTotal, KiB.
-    pub memory_total_kb: Option<u64>,
-    /// MemAvailable (or its pre-3.14 estimate), KiB.
-    pub memory_available_kb: Option<u64>,
-    /// total − available, KiB.
-    pub memory_used_kb: Option<u64>,
-    /// used / total × 100.
-    pub memory_usage_percent: Option<f64>,
-    /// SwapTotal, KiB.
-    pub swap_total_kb: Option<u64>,
-    /// SwapTotal − SwapFree, KiB.
-    pub swap_used_kb: Option<u64>,
-    /// Seconds since boot, `uptime`.
-    pub uptime_seconds: Option<u64>,
-    /// Cumulative bytes received, all interfaces but `lo`, `net/dev`.
-    pub network_rx_bytes: Option<u64>,
-    /// Cumulative bytes sent, all interfaces but `lo`.
-    pub network_tx_bytes: Option<u64>,
-    /// Cumulative bytes read from whole disks, `diskstats`.
-    pub disk_read_bytes: Option<u64>,
-    /// Cumulative bytes written to whole disks.
-    pub disk_write_bytes: Option<u64>,
-    /// Size of the root filesystem, KiB (statvfs).
-    pub filesystem_total_kb: Option<u64>,
-    /// Used space of the root filesystem, KiB.
-    pub filesystem_used_kb: Option<u64>,
-    /// `pressure/cpu` some avg10; null without PSI.
-    pub pressure_cpu_some_avg10: Option<f64>,
-    /// `pressure/memory` some avg10; null without PSI.
-    pub pressure_memory_some_avg10: Option<f64>,
-    /// `pressure/io` some avg10; null without PSI.
-    pub pressure_io_some_avg10: Option<f64>,
-    /// Samples this process dropped because the buffer was full.
-    pub dropped_samples: u64,
-    /// The `run_id` this run replaced when the VM was restored from a
-    /// snapshot; null for a run that began with the process
-    /// (docs/snapshots.md). Absent in samples of older agents.
-    #[serde(default)]
-    pub restored_from_run_id: Option<String>,
-    /// Snapshot restores this process has gone through; 0 for a fresh
-    /// start. Absent in samples of older agents.
-    #[serde(default)]
-    pub restore_count: u64,
+/// One field's value, as [`Sample::visit`] hands it over.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Value<'a> {
+    /// A figure that is null in this sample.
+    Null,
+    /// A whole number (counts, bytes, KiB, milliseconds).
+    Int(u64),
+    /// A fractional figure (percentages, load, pressure).
+    Float(f64),
+    /// Text (ids, names, addresses).
+    Text(&'a str),
 }
 
-/// Every field name of the schema, in wire order. Used to check that a JSON
-/// object carries all of them (serde accepts a missing `Option` as null).
-pub const FIELDS: &[&str] = &[
-    "schema",
-    "agent_version",
-    "vm_id",
-    "hostname",
-    "boot_id",
-    "run_id",
-    "seq",
-    "timestamp_ms",
-    "window_ms",
-    "guest_ip",
-    "cpu_count",
-    "cpu_usage_percent",
-    "cpu_iowait_percent",
-    "cpu_steal_percent",
-    "procs_running",
-    "procs_blocked",
-    "process_count",
-    "load_average",
-    "load_average_5",
-    "load_average_15",
-    "memory_total_kb",
-    "memory_available_kb",
-    "memory_used_kb",
-    "memory_usage_percent",
-    "swap_total_kb",
-    "swap_used_kb",
-    "uptime_seconds",
-    "network_rx_bytes",
-    "network_tx_bytes",
-    "disk_read_bytes",
-    "disk_write_bytes",
-    "filesystem_total_kb",
-    "filesystem_used_kb",
-    "pressure_cpu_some_avg10",
-    "pressure_memory_some_avg10",
-    "pressure_io_some_avg10",
-    "dropped_samples",
-];
+/// A field type that [`Sample::visit`] can hand over as a [`Value`].
+pub trait AsValue {
+    /// The value of this field.
+    fn as_value(&self) -> Value<'_>;
+}
+
+impl AsValue for u64 {
+    fn as_value(&self) -> Value<'_> {
+        Value::Int(*self)
+    }
+}
+
+impl AsValue for u32 {
+    fn as_value(&self) -> Value<'_> {
+        Value::Int(u64::from(*self))
+    }
+}
+
+impl AsValue for f64 {
+    fn as_value(&self) -> Value<'_> {
+        Value::Float(*self)
+    }
+}
+
+impl AsValue for String {
+    fn as_value(&self) -> Value<'_> {
+        Value::Text(self)
+    }
+}
+
+impl<T: AsValue> AsValue for Option<T> {
+    fn as_value(&self) -> Value<'_> {
+        self.as_ref().map_or(Value::Null, AsValue::as_value)
+    }
+}
+
+/// Defines [`Sample`], [`FIELDS`] and [`Sample::visit`] from one field list.
+macro_rules! schema {
+    ($( $(#[$doc:meta])* $name:ident : $ty:ty, )*) => {
+        /// One measurement of the guest, as POSTed (in an array) and served by
+        /// `/metrics`. Unknown fields are ignored when parsing, so that a
+        /// consumer built against this version accepts a newer agent's samples.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        pub struct Sample {
+            $( $(#[$doc])* pub $name: $ty, )*
+        }
+
+        /// Every field name of the schema, in wire order.
+        pub const FIELDS: &[&str] = &[ $( stringify!($name) ),* ];
+
+        impl Sample {
+            /// Calls `f` with every field's name and value, in wire order.
+            pub fn visit(&self, mut f: impl FnMut(&'static str, Value<'_>)) {
+                $( f(stringify!($name), AsValue::as_value(&self.$name)); )*
+            }
+        }
+    };
+}
+
+schema! {
+    /// Always [`SCHEMA`].
+    schema: u32,
+    /// The agent's crate version.
+    agent_version: String,
+    /// The VM id from configuration.
+    vm_id: Option<String>,
+    /// `sys/kernel/hostname`.
+    hostname: Option<String>,
+    /// `sys/kernel/random/boot_id`.
+    boot_id: Option<String>,
+    /// A UUID read once per agent process; (`run_id`, `seq`) is unique.
+    run_id: String,
+    /// 1, 2, 3… per agent process.
+    seq: u64,
+    /// Wall-clock milliseconds since the Unix epoch at collection.
+    timestamp_ms: u64,
+    /// Monotonic milliseconds covered by the CPU figures (0 for the first sample).
+    window_ms: u64,
+    /// The guest's source address toward the push target.
+    guest_ip: Option<String>,
+    /// CPUs listed in `stat`.
+    cpu_count: Option<u32>,
+    /// Busy share of the window (user+nice+system+irq+softirq), percent.
+    cpu_usage_percent: Option<f64>,
+    /// iowait share of the window, percent.
+    cpu_iowait_percent: Option<f64>,
+    /// steal share of the window, percent: time the hypervisor ran something else.
+    cpu_steal_percent: Option<f64>,
+    /// Runnable tasks, `stat`.
+    procs_running: Option<u32>,
+    /// Tasks blocked on I/O, `stat`.
+    procs_blocked: Option<u32>,
+    /// Numeric entries of the proc root.
+    process_count: Option<u64>,
+    /// 1-minute load average, `loadavg`.
+    load_average: Option<f64>,
+    /// 5-minute load average.
+    load_average_5: Option<f64>,
+    /// 15-minute load average.
+    load_average_15: Option<f64>,
+    /// MemTotal, KiB.
+    memory_total_kb: Option<u64>,
+    /// MemAvailable (or its pre-3.14 estimate), KiB.
+    memory_available_kb: Option<u64>,
+    /// total − available, KiB.
+    memory_used_kb: Option<u64>,
+    /// used / total × 100.
+    memory_usage_percent: Option<f64>,
+    /// SwapTotal, KiB.
+    swap_total_kb: Option<u64>,
+    /// SwapTotal − SwapFree, KiB.
+    swap_used_kb: Option<u64>,
+    /// Seconds since boot, `uptime`.
+    uptime_seconds: Option<u64>,
+    /// Cumulative bytes received, all interfaces but `lo`, `net/dev`.
+    network_rx_bytes: Option<u64>,
+    /// Cumulative bytes sent, all interfaces but `lo`.
+    network_tx_bytes: Option<u64>,
+    /// Cumulative bytes read from whole disks, `diskstats`.
+    disk_read_bytes: Option<u64>,
+    /// Cumulative bytes written to whole disks.
+    disk_write_bytes: Option<u64>,
+    /// Size of the root filesystem, KiB (statvfs).
+    filesystem_total_kb: Option<u64>,
+    /// Used space of the root filesystem, KiB.
+    filesystem_used_kb: Option<u64>,
+    /// `pressure/cpu` some avg10; null without PSI.
+    pressure_cpu_some_avg10: Option<f64>,
+    /// `pressure/memory` some avg10; null without PSI.
+    pressure_memory_some_avg10: Option<f64>,
+    /// `pressure/io` some avg10; null without PSI.
+    pressure_io_some_avg10: Option<f64>,
+    /// Samples this process dropped because the buffer was full.
+    dropped_samples: u64,
+    /// The `run_id` this run replaced when the VM was restored from a
+    /// snapshot; null for a run that began with the process
+    /// (docs/snapshots.md#the-sample-fields).
+    #[serde(default)]
+    restored_from_run_id: Option<String>,
+    /// Snapshot restores this process has gone through; 0 for a fresh start.
+    #[serde(default)]
+    restore_count: u64,
+}
+
+/// Fields added to schema 1 after its first agents shipped: a sample
+/// without them is still a whole schema 1 sample, read as null and 0
+/// (docs/snapshots.md#the-sample-fields).
+const ADDED_LATER: [&str; 2] = ["restored_from_run_id", "restore_count"];
 
 impl Sample {
     /// Parses one sample from a JSON value, requiring every field of the
-    /// schema to be present (null allowed only where the type is nullable)
-    /// and `schema` to be [`SCHEMA`].
+    /// schema to be present, but for those added later (null allowed only
+    /// where the type is nullable), and `schema` to be [`SCHEMA`].
     pub fn from_json_strict(v: &serde_json::Value) -> Result<Sample, String> {
         let obj = v.as_object().ok_or("sample is not a JSON object")?;
-        if let Some(missing) = FIELDS.iter().find(|f| !obj.contains_key(**f)) {
+        if let Some(missing) = FIELDS
+            .iter()
+            .find(|f| !obj.contains_key(**f) && !ADDED_LATER.contains(f))
+        {
             return Err(format!("field {missing:?} is missing"));
         }
         let s: Sample = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;

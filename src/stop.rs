@@ -4,9 +4,11 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Set once, on SIGTERM/SIGINT or by the in-process owner; every wait ends.
+/// It remembers when it was set, so that the shutdown flush is bounded from
+/// the stop itself, not from whenever the sender gets to it.
 #[derive(Debug, Default)]
 pub struct Stop {
-    stopped: Mutex<bool>,
+    stopped: Mutex<Option<Instant>>,
     wake: Condvar,
 }
 
@@ -18,19 +20,30 @@ impl Stop {
 
     /// Requests the stop and wakes every waiter.
     pub fn trigger(&self) {
-        *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.lock().get_or_insert_with(Instant::now);
         self.wake.notify_all();
     }
 
     /// Whether the stop was requested.
     pub fn is_set(&self) -> bool {
-        *self.stopped.lock().unwrap_or_else(|p| p.into_inner())
+        self.lock().is_some()
+    }
+
+    /// `d` after the stop was requested (after now, if it was not).
+    pub fn deadline_after(&self, d: Duration) -> Instant {
+        self.lock().unwrap_or_else(Instant::now) + d
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        // Never poisoned in the release build (panic = abort); a test that
+        // panics must not stop the others.
+        self.stopped.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Sleeps until `deadline` or the stop; true when stopped.
     pub fn wait_until(&self, deadline: Instant) -> bool {
-        let mut stopped = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
-        while !*stopped {
+        let mut stopped = self.lock();
+        while stopped.is_none() {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                 return false;
             };

@@ -2,22 +2,13 @@
 //! the same moment, and CPU usage under a busy loop on every CPU. Runs with
 //! `--url off`: no network at all.
 
-use std::process::Command;
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 fn once() -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_guest-agent"))
-        .args(["--once", "--url", "off", "--config", "/nonexistent"])
-        .env_remove("GUEST_AGENT_PROC_ROOT")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    common::once(&[])
 }
 
 fn meminfo_kb(key: &str) -> u64 {
@@ -32,21 +23,28 @@ fn meminfo_kb(key: &str) -> u64 {
 
 #[test]
 fn memory_matches_proc_meminfo_within_one_percent() {
-    let before = meminfo_kb("MemAvailable");
-    let s = once();
-    let after = meminfo_kb("MemAvailable");
+    // Other processes may allocate and free between the two readings of
+    // /proc around the agent's; a reading that does not fall between them
+    // is taken again (a few times) rather than failing a busy machine.
     let total = meminfo_kb("MemTotal");
-    assert_eq!(s["memory_total_kb"], total);
-    let avail = s["memory_available_kb"].as_u64().unwrap();
     let tolerance = total / 100;
-    let (lo, hi) = (before.min(after), before.max(after));
-    assert!(
-        avail + tolerance >= lo && avail <= hi + tolerance,
-        "agent {avail} vs /proc/meminfo {before}..{after} (±{tolerance})"
-    );
-    assert_eq!(s["memory_used_kb"], total - avail);
-    let pct = s["memory_usage_percent"].as_f64().unwrap();
-    assert!((pct - (total - avail) as f64 * 100.0 / total as f64).abs() <= 0.005);
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let before = meminfo_kb("MemAvailable");
+        let s = once();
+        let after = meminfo_kb("MemAvailable");
+        assert_eq!(s["memory_total_kb"], total);
+        let avail = s["memory_available_kb"].as_u64().unwrap();
+        assert_eq!(s["memory_used_kb"], total - avail);
+        let pct = s["memory_usage_percent"].as_f64().unwrap();
+        assert!((pct - (total - avail) as f64 * 100.0 / total as f64).abs() <= 0.005);
+        let (lo, hi) = (before.min(after), before.max(after));
+        if avail + tolerance >= lo && avail <= hi + tolerance {
+            return;
+        }
+        seen.push(format!("agent {avail} vs /proc/meminfo {before}..{after}"));
+    }
+    panic!("never within ±{tolerance} KiB: {seen:?}");
 }
 
 #[test]

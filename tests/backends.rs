@@ -5,11 +5,12 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{Mode, Receiver, Request, config, fixture_root, free_port};
+use common::{AgentProcess, Mode, Receiver, Request, config, fixture_root};
 use guest_agent::Sample;
 use guest_agent::agent;
 
@@ -94,8 +95,8 @@ fn now_ms() -> u64 {
 #[test]
 fn influx_bodies_have_one_line_per_sample_and_batch_after_an_outage() {
     // Nothing listens at first: samples pile up, then go out in one batch.
-    let addr = free_port();
-    let url = format!("http://{addr}/write");
+    let rx = Receiver::start(Mode::Reset);
+    let url = format!("http://{}/write", rx.addr);
     let started_ms = now_ms();
     let a = agent::start(config(&[
         ("url", &url),
@@ -106,20 +107,20 @@ fn influx_bodies_have_one_line_per_sample_and_batch_after_an_outage() {
     .unwrap();
     let mut seen: BTreeMap<u64, Arc<Sample>> = BTreeMap::new();
     let record = |seen: &mut BTreeMap<u64, Arc<Sample>>| {
-        if let Some(s) = a.shared().latest() {
+        if let Some(s) = a.latest() {
             seen.insert(s.seq, s);
         }
     };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while a.shared().buffer.len() < 6 {
+    while a.health().buffered < 6 {
         record(&mut seen);
         assert!(Instant::now() < deadline, "no backlog after 30 s");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let backlog = a.shared().buffer.len();
-    let rx = Receiver::start_on(addr, Mode::Accept);
+    let backlog = a.health().buffered;
+    rx.set_mode(Mode::Accept);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while a.shared().status().delivered < backlog as u64 + 4 {
+    while a.health().delivered < backlog as u64 + 4 {
         record(&mut seen);
         assert!(Instant::now() < deadline, "not delivered after 60 s");
         std::thread::sleep(Duration::from_millis(5));
@@ -187,18 +188,6 @@ fn influx_bodies_have_one_line_per_sample_and_batch_after_an_outage() {
     );
 }
 
-/// The agent binary, killed on drop if the test ends before it exits.
-struct AgentProcess(Option<Child>);
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 fn agent_command() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_guest-agent"));
     cmd.args(["--listen", "off", "--config", "/nonexistent"])
@@ -211,30 +200,24 @@ fn agent_command() -> Command {
 #[test]
 fn the_token_goes_in_the_authorization_header_and_never_into_the_log() {
     let rx = Receiver::start(Mode::Status(500, vec![]));
-    let child = agent_command()
-        .args(["--url", &rx.url(), "--interval", "100ms"])
-        .args(["--token", TOKEN, "--log", "debug"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut proc = AgentProcess(Some(child));
+    let url = rx.url();
+    let agent = AgentProcess::start(&[
+        "--url",
+        &url,
+        "--interval",
+        "100ms",
+        "--token",
+        TOKEN,
+        "--log",
+        "debug",
+    ]);
     // Failures first, so that warnings and debug lines about them are written.
     rx.wait_for(30, "three refused pushes", |r| r.requests().len() >= 3);
     rx.set_mode(Mode::Accept);
     rx.wait_for(30, "deliveries", |r| r.delivered().len() >= 3);
-    let pid = proc.0.as_ref().unwrap().id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let out = proc.0.take().unwrap().wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{:?}\n{stderr}", out.status);
+    agent.signal("TERM");
+    let (status, stderr) = agent.wait(60);
+    assert!(status.success(), "{status:?}\n{stderr}");
 
     let reqs = rx.requests();
     assert!(reqs.iter().any(|r| r.answered == 500));
@@ -249,11 +232,116 @@ fn the_token_goes_in_the_authorization_header_and_never_into_the_log() {
     assert!(stderr.contains("delivering again"), "{stderr}");
     assert!(stderr.contains("DEBUG"), "{stderr}");
     assert!(!stderr.contains(TOKEN), "token in the log:\n{stderr}");
-    assert!(!stdout.contains(TOKEN), "token on stdout:\n{stdout}");
     println!(
         "token: {} requests carried it, {} log lines without it",
         reqs.len(),
         stderr.lines().count()
+    );
+}
+
+#[test]
+fn a_token_file_is_read_checked_and_preferred_over_a_lower_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, format!("{TOKEN}\n")).unwrap();
+    let set_mode = |mode| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    set_mode(0o600);
+    let rx = Receiver::start(Mode::Accept);
+    let url = rx.url();
+    let path = file.display().to_string();
+    let a = agent::start(config(&[
+        ("url", &url),
+        ("interval", "100ms"),
+        ("token_file", &path),
+    ]))
+    .unwrap();
+    rx.wait_for(30, "a delivery", |r| !r.delivered().is_empty());
+    a.stop();
+    for r in rx.requests() {
+        assert_eq!(
+            header(&r, "authorization"),
+            Some(format!("Bearer {TOKEN}").as_str())
+        );
+    }
+
+    // On the CLI, an unreadable or empty token file is a usage error.
+    let out = agent_command()
+        .args([
+            "--url",
+            "off",
+            "--token-file",
+            "/nonexistent/token",
+            "--print-config",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("token_file") && stderr.contains("/nonexistent/token"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+
+    // From the environment, a file others may read works, with a warning;
+    // and it beats a token from the kernel cmdline (a lower source).
+    set_mode(0o644);
+    let out = agent_command()
+        .args(["--url", "off", "--print-config"])
+        .env("GUEST_AGENT_TOKEN_FILE", &path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("chmod 600"), "{stderr}");
+    assert!(!stderr.contains(TOKEN), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains(TOKEN), "{stdout}");
+}
+
+#[test]
+fn a_token_on_the_kernel_cmdline_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let proc_root = dir.path();
+    for f in ["meminfo", "stat"] {
+        std::fs::copy(Path::new(&fixture_root()).join(f), proc_root.join(f)).unwrap();
+    }
+    std::fs::write(
+        proc_root.join("cmdline"),
+        format!("console=ttyS0 guest_agent.token={TOKEN}\n"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_guest-agent"))
+        .args([
+            "--url",
+            "off",
+            "--listen",
+            "off",
+            "--config",
+            "/nonexistent",
+        ])
+        .args([
+            "--proc-root",
+            &proc_root.display().to_string(),
+            "--print-config",
+        ])
+        .env_remove("GUEST_AGENT_TOKEN")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("every process in the guest can read"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(TOKEN), "{stderr}");
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        j["token"],
+        serde_json::json!({"value": "set", "source": "cmdline"})
     );
 }
 

@@ -333,6 +333,8 @@ fn an_invalid_cli_exits_2_with_one_line() {
         &["--buffer", "0"][..],
         &["--frobnicate"][..],
         &["--url", "ftp://127.0.0.1/"][..],
+        &["--proc-root", "/nonexistent/proc"][..],
+        &["--token-file", "", "--url", "off"][..],
     ] {
         let (code, _, stderr) = print_config(args, &[]);
         assert_eq!(code, 2, "{args:?}: {stderr}");
@@ -345,8 +347,72 @@ fn an_invalid_cli_exits_2_with_one_line() {
 }
 
 #[test]
+fn an_argument_that_is_not_utf8_is_a_usage_error_not_a_panic() {
+    use std::os::unix::ffi::OsStrExt;
+    let bad = std::ffi::OsStr::from_bytes(b"vm-\xff");
+    for args in [
+        vec![std::ffi::OsStr::new("--vm-id"), bad],
+        vec![std::ffi::OsStr::from_bytes(b"--vm-id=vm-\xff")],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_guest-agent"))
+            .args(["--print-config", "--url", "off"])
+            .args(&args)
+            .env_clear()
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("--vm-id") && stderr.contains("UTF-8"),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_proc_root_from_the_environment_falls_back_to_the_default() {
+    let (code, json, stderr) = print_config(
+        &["--url", "off"],
+        &[("GUEST_AGENT_PROC_ROOT", "/nonexistent/proc")],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("GUEST_AGENT_PROC_ROOT"), "{stderr}");
+    assert_eq!(json["proc_root"]["source"], "default");
+}
+
+#[test]
+fn the_buffer_is_bounded_by_a_share_of_memory_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    // A 64 MiB guest: 2 % is about 1.3 MB, far less than a million samples.
+    let host = fs::read_to_string(Path::new(FIXTURES).join("host/meminfo")).unwrap();
+    let small: String = host
+        .lines()
+        .map(|l| match l.starts_with("MemTotal:") {
+            true => "MemTotal:          65536 kB\n".to_string(),
+            false => format!("{l}\n"),
+        })
+        .collect();
+    fs::write(dir.path().join("meminfo"), small).unwrap();
+    let root = dir.path().display().to_string();
+    let (code, json, stderr) = print_config(
+        &["--url", "off", "--proc-root", &root, "--buffer", "1000000"],
+        &[],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let b = &json["buffer"];
+    assert_eq!(b["value"], "1000000");
+    assert_eq!(b["max_bytes"], 65536 * 1024 / 50);
+    let clamped = b["clamped"].as_str().unwrap();
+    assert!(clamped.contains("samples fit"), "{clamped}");
+    // The default buffer fits in a 64 MiB guest: nothing to say.
+    let (_, json, _) = print_config(&["--url", "off", "--proc-root", &root], &[]);
+    assert!(json["buffer"].get("clamped").is_none(), "{json}");
+}
+
+#[test]
 fn route_fixtures_pick_the_right_gateway() {
-    use guest_agent::route::parse_default_gateway;
+    use guest_agent::internals::parse_default_gateway;
     let gw =
         |name: &str| parse_default_gateway(&fs::read(format!("{FIXTURES}/routes/{name}")).unwrap());
     assert_eq!(

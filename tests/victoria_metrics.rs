@@ -215,33 +215,31 @@ fn push_and_compare(vm: &VictoriaMetrics, vm_id: &str, at_least: u64) {
         ("timeout", "10s"),
     ]))
     .unwrap();
-    let shared = a.shared().clone();
     // Every sample the agent produced that this thread saw, by seq (on a busy
     // host some may pass unseen; those are still checked through `seq`).
     let mut seen: BTreeMap<u64, Arc<Sample>> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while shared.status().delivered < at_least {
-        if let Some(s) = shared.latest() {
+    while a.health().delivered < at_least {
+        if let Some(s) = a.latest() {
             seen.insert(s.seq, s);
         }
         assert!(
             Instant::now() < deadline,
-            "{vm_id}: {} samples delivered after 60 s; status {:?}\n{}",
-            shared.status().delivered,
-            shared.status(),
+            "{vm_id}: {:?} after 60 s\n{}",
+            a.health(),
             vm.log()
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    a.stop();
-    let last = shared.latest().unwrap();
+    let last = a.latest().unwrap();
     seen.insert(last.seq, last.clone());
-    let st = shared.status().clone();
-    assert_eq!(shared.buffer.len(), 0, "flushed at stop");
+    let st = a.stop();
+    assert_eq!(st.buffered, 0, "flushed at stop: {st:?}");
     assert_eq!(st.rejected, 0, "{st:?}");
     // Every collected sample was delivered, once (no retries against a
     // healthy VictoriaMetrics).
-    assert_eq!(st.delivered, last.seq, "{st:?}");
+    assert_eq!(Some(st.delivered), st.last_seq, "{st:?}");
+    let last = seen.get(&st.last_seq.unwrap_or(0)).cloned().unwrap_or(last);
     let n = last.seq as usize;
 
     // Written rows become searchable after VictoriaMetrics flushes them

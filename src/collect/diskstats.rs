@@ -10,7 +10,9 @@ use procfs::{DiskStats, FromRead, ProcError};
 /// The kernel's diskstats sectors are always 512 bytes, whatever the device.
 const SECTOR_BYTES: u64 = 512;
 
-/// Cumulative (read, written) bytes summed over whole disks.
+/// Cumulative (read, written) bytes summed over whole disks. Like the
+/// kernel's own counters they wrap at 2^64 rather than saturate, so that a
+/// consumer's difference of two readings (modulo 2^64) stays right.
 pub fn parse(text: &[u8]) -> Result<(u64, u64), ProcError> {
     let disks = DiskStats::from_read(text)?;
     Ok(disks
@@ -19,8 +21,8 @@ pub fn parse(text: &[u8]) -> Result<(u64, u64), ProcError> {
         .filter(|d| is_whole_disk(&d.name))
         .fold((0, 0), |(r, w), d| {
             (
-                r + d.sectors_read * SECTOR_BYTES,
-                w + d.sectors_written * SECTOR_BYTES,
+                r.wrapping_add(d.sectors_read.wrapping_mul(SECTOR_BYTES)),
+                w.wrapping_add(d.sectors_written.wrapping_mul(SECTOR_BYTES)),
             )
         }))
 }

@@ -114,7 +114,7 @@ impl Collector {
 
     /// Starts a new run after a snapshot restore (docs/snapshots.md): a
     /// fresh `run_id`, read now that the kernel has reseeded its random pool,
-    /// the restore marker, and `vm_id` when one was given. Returns the
+    /// the restore marker, and `vm_id` when one is given. Returns the
     /// previous run id; on failure nothing changes.
     pub fn restart_run(&mut self, vm_id: Option<String>) -> Result<String> {
         let run_id =
@@ -137,11 +137,6 @@ impl Collector {
             .restored_from_run_id
             .clone_from(&self.restored_from_run_id);
         sample.restore_count = self.restore_count;
-    }
-
-    /// The proc root this collector reads.
-    pub fn proc_root(&self) -> &Path {
-        &self.root
     }
 
     /// Sources failing at the last collection, with their errors.

@@ -2,14 +2,18 @@
 
 use procfs::{FromRead, ProcError, net::InterfaceDeviceStatus};
 
-/// Cumulative (rx, tx) bytes summed over every interface except `lo`.
+/// Cumulative (rx, tx) bytes summed over every interface except `lo`,
+/// wrapping at 2^64 as the kernel's counters do, so that differences of two
+/// readings (modulo 2^64) stay right.
 pub fn parse(text: &[u8]) -> Result<(u64, u64), ProcError> {
     let devs = InterfaceDeviceStatus::from_read(text)?;
     Ok(devs
         .0
         .values()
         .filter(|d| d.name != "lo")
-        .fold((0, 0), |(rx, tx), d| (rx + d.recv_bytes, tx + d.sent_bytes)))
+        .fold((0, 0), |(rx, tx), d| {
+            (rx.wrapping_add(d.recv_bytes), tx.wrapping_add(d.sent_bytes))
+        }))
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ pub const TOKEN_TTL_SECONDS: u32 = 60;
 pub const MAX_BODY: u64 = 64 * 1024;
 
 /// Settings MMDS may not set: where the agent reads its own sources from.
-const NOT_FROM_MMDS: [&str; 3] = ["proc_root", "mmds", "kmsg"];
+const NOT_FROM_MMDS: [&str; 4] = ["proc_root", "mmds", "kmsg", "token_file"];
 
 /// Parses the `mmds` setting: `off`, `on` (the default address), or an
 /// address with an optional port (80).

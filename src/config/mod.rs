@@ -1,4 +1,4 @@
-//! Configuration (GUIDE §4): each source is collected as written, then the
+//! Configuration (docs/design.md#configuration): each source is collected as written, then the
 //! sources are merged by precedence (CLI > environment > MMDS > kernel
 //! cmdline > file > default) and validated once into a typed [`Config`].
 //! MMDS is opt-in and ranks above the cmdline and the file because clones
@@ -58,7 +58,7 @@ impl Source {
 /// The body format of pushes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
-    /// A JSON array of samples (GUIDE §3).
+    /// A JSON array of samples (docs/design.md#the-sample).
     Json,
     /// Influx line protocol, measurement `guest`.
     Influx,
@@ -100,6 +100,9 @@ pub struct Config {
     pub timeout: Duration,
     /// Samples kept while pushes fail.
     pub buffer: usize,
+    /// Bytes those samples may take: [`settings::BUFFER_MAX_BYTES`], or a
+    /// share of the guest's memory when that is less.
+    pub buffer_max_bytes: usize,
     /// Most samples per POST.
     pub batch: usize,
     /// Log level.
@@ -108,7 +111,7 @@ pub struct Config {
     pub proc_root: PathBuf,
     /// Push body format.
     pub format: Format,
-    /// Bearer token for pushes.
+    /// Bearer token for pushes, from `token` or `token_file`.
     pub token: Option<Secret>,
     /// The MMDS address, when MMDS is a source.
     pub mmds: Option<SocketAddr>,
@@ -303,7 +306,12 @@ fn build(origins: Vec<Origin>, errors: Vec<String>, warnings: Vec<String>) -> Re
         None | Some("off") => None,
         Some(u) => Some(UrlTemplate::parse(u).map_err(|e| internal("url", e))?),
     };
+    let mut errors = errors;
+    let mut warnings = warnings;
+    let token = token(&origins, &mut errors, &mut warnings)?;
+    let proc_root = PathBuf::from(get("proc_root").unwrap_or("/proc"));
     Ok(Config {
+        buffer_max_bytes: buffer_max_bytes(&proc_root),
         url,
         interval: dur("interval", settings::MIN_INTERVAL, settings::MAX_INTERVAL)?,
         listen: settings::parse_listen(get("listen").unwrap_or("off"))
@@ -313,13 +321,13 @@ fn build(origins: Vec<Origin>, errors: Vec<String>, warnings: Vec<String>) -> Re
         buffer: count("buffer", settings::MAX_BUFFER)?,
         batch: count("batch", settings::MAX_BATCH)?,
         log: settings::parse_log(get("log").unwrap_or("info")).map_err(|e| internal("log", e))?,
-        proc_root: PathBuf::from(get("proc_root").unwrap_or("/proc")),
+        proc_root,
         format: if get("format") == Some("influx") {
             Format::Influx
         } else {
             Format::Json
         },
-        token: get("token").map(|t| Secret(t.to_string())),
+        token,
         mmds: mmds::parse_setting(get("mmds").unwrap_or("off")).map_err(|e| internal("mmds", e))?,
         kmsg: get("kmsg").filter(|k| *k != "off").map(PathBuf::from),
         origins: origins.clone(),
@@ -328,7 +336,104 @@ fn build(origins: Vec<Origin>, errors: Vec<String>, warnings: Vec<String>) -> Re
     })
 }
 
+/// The token: from `token` or `token_file`, whichever comes from the
+/// higher-precedence source (`token` on a tie). A token file that cannot be
+/// read is a usage error on the CLI, and elsewhere an error that falls back
+/// to `token`. A token on the kernel cmdline is readable by every process
+/// in the guest (`/proc/cmdline`): that is worth a warning.
+fn token(
+    origins: &[Origin],
+    errors: &mut Vec<String>,
+    warnings: &mut Vec<String>,
+) -> Result<Option<Secret>> {
+    let find = |name: &str| {
+        origins
+            .iter()
+            .find(|o| o.setting.name == name && o.value.is_some())
+    };
+    let (inline, file) = (find("token"), find("token_file"));
+    if let Some(t) = inline
+        && t.source == Source::Cmdline
+    {
+        warnings.push(
+            "token comes from the kernel cmdline, which every process in the guest can read; \
+             prefer token_file (mode 0600) or GUEST_AGENT_TOKEN in the service's conf.d"
+                .into(),
+        );
+    }
+    let inline_token = inline.and_then(|o| o.value.clone()).map(Secret);
+    let Some(f) = file.filter(|f| inline.is_none_or(|t| f.source < t.source)) else {
+        return Ok(inline_token);
+    };
+    let path = f.value.as_deref().unwrap_or_default();
+    match read_token_file(Path::new(path)) {
+        Ok((token, warning)) => {
+            warnings.extend(warning);
+            Ok(Some(token))
+        }
+        Err(e) => {
+            let msg = format!("{}: token_file {path:?}: {e}", f.source.as_str());
+            if f.source == Source::Cli {
+                return Err(Error::Usage(msg));
+            }
+            errors.push(msg);
+            Ok(inline_token)
+        }
+    }
+}
+
+/// Reads a token file: its content without surrounding white space, which
+/// must be a valid token. Warns when others than the owner may read it.
+fn read_token_file(path: &Path) -> std::result::Result<(Secret, Option<String>), String> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mode = file
+        .metadata()
+        .map_err(|e| e.to_string())?
+        .permissions()
+        .mode();
+    let mut text = String::new();
+    file.take(settings::MAX_TOKEN_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > settings::MAX_TOKEN_FILE {
+        return Err(format!("larger than {} bytes", settings::MAX_TOKEN_FILE));
+    }
+    let token = text.trim();
+    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("expected one token of printable ASCII without spaces".into());
+    }
+    let warning = (mode & 0o077 != 0).then(|| {
+        format!(
+            "token_file {}: mode {:o} lets others than its owner read the token; chmod 600",
+            path.display(),
+            mode & 0o777
+        )
+    });
+    Ok((Secret(token.to_string()), warning))
+}
+
+/// The byte bound of the buffer: [`settings::BUFFER_MAX_BYTES`], or the
+/// share of MemTotal when that is less (docs/design.md#delivery). Without
+/// a readable `meminfo` the absolute bound holds.
+fn buffer_max_bytes(proc_root: &Path) -> usize {
+    let total_kb = crate::collect::ProcFile::new(proc_root, "meminfo")
+        .parse(crate::collect::meminfo::parse)
+        .map(|m| m.total_kb)
+        .unwrap_or(u64::MAX / 1024);
+    let share = (total_kb.saturating_mul(1024) / settings::BUFFER_MEMORY_SHARE as u64)
+        .min(settings::BUFFER_MAX_BYTES as u64);
+    share as usize
+}
+
 impl Config {
+    /// How many samples fit in the buffer's byte bound, at a typical
+    /// sample's size: less than `buffer` when the bound clamps it.
+    pub fn buffer_fits(&self) -> usize {
+        (self.buffer_max_bytes / crate::buffer::TYPICAL_SAMPLE_BYTES).min(self.buffer)
+    }
+
     /// The `--print-config` object: `{"interval": {"value": "5s", "source":
     /// "cmdline"}, …}`; `url` also has `resolved` (null without a default
     /// route); the token shows only `set` or `unset`.
@@ -343,17 +448,34 @@ impl Config {
             let mut entry = serde_json::Map::new();
             entry.insert("value".into(), value);
             entry.insert("source".into(), o.source.as_str().into());
+            if o.setting.name == "buffer" {
+                entry.insert("max_bytes".into(), self.buffer_max_bytes.into());
+                if self.buffer_fits() < self.buffer {
+                    entry.insert(
+                        "clamped".into(),
+                        format!(
+                            "about {} samples fit in {} bytes (at most 2% of MemTotal, 16 MiB)",
+                            self.buffer_fits(),
+                            self.buffer_max_bytes
+                        )
+                        .into(),
+                    );
+                }
+            }
             if o.setting.name == "url" {
-                entry.insert("resolved".into(), self.resolved_url().into());
+                entry.insert(
+                    "resolved".into(),
+                    self.resolved_target().map(|t| t.url).into(),
+                );
             }
             map.insert(o.setting.name.into(), entry.into());
         }
         map.into()
     }
 
-    /// The push URL with `{gateway}` filled in from the proc root's route
-    /// table; `None` when pushing is off or no default route exists.
-    pub fn resolved_url(&self) -> Option<String> {
+    /// The push target with `{gateway}` filled in from the proc root's
+    /// route table; `None` when pushing is off or no default route exists.
+    pub fn resolved_target(&self) -> Option<crate::route::Target> {
         let url = self.url.as_ref()?;
         let gateway = if url.needs_gateway() {
             crate::route::default_gateway(&self.proc_root)

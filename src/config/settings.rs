@@ -1,7 +1,7 @@
 //! The settings table: one row per setting drives the CLI flag, the
 //! environment name, the kernel cmdline key, the default, `--help` and
-//! `--print-config` (GUIDE §4). Adding a setting is one row here and one
-//! field in [`super::Config`].
+//! `--print-config` (docs/design.md#configuration). Adding a setting is one
+//! row here and one field in [`super::Config`].
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -46,14 +46,24 @@ pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
 pub const MIN_TIMEOUT: Duration = Duration::from_millis(100);
 /// Longest request timeout accepted.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(300);
-/// Largest buffer accepted, in samples (about 1.5 KB each).
+/// Largest buffer accepted, in samples. The buffer is bounded in bytes
+/// too ([`BUFFER_MAX_BYTES`], [`BUFFER_MEMORY_SHARE`]), so a large count
+/// cannot take a small guest's memory.
 pub const MAX_BUFFER: usize = 1_000_000;
+/// Most bytes the buffer may hold, whatever the guest's memory.
+pub const BUFFER_MAX_BYTES: usize = 16 * 1024 * 1024;
+/// Most of the guest's memory the buffer may hold: 1/this of MemTotal
+/// (2 %: 2.6 MiB in a 128 MiB guest, where the default 1000 samples take
+/// about 0.7 MiB).
+pub const BUFFER_MEMORY_SHARE: usize = 50;
+/// Largest token file read.
+pub const MAX_TOKEN_FILE: u64 = 4096;
 /// Largest batch accepted, in samples per POST.
 pub const MAX_BATCH: usize = 10_000;
 /// Longest VM id accepted, in bytes.
 pub const MAX_VM_ID: usize = 256;
 
-/// Every setting, in the order of GUIDE §4.
+/// Every setting, in the order `--help` and `--print-config` show them.
 pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "url",
@@ -151,8 +161,17 @@ pub const SETTINGS: &[Setting] = &[
         default: None,
         on_cmdline: true,
         secret: true,
-        help: "sent as Authorization: Bearer; never printed",
+        help: "sent as Authorization: Bearer; never printed (prefer token_file)",
         check: check_token,
+    },
+    Setting {
+        name: "token_file",
+        value_name: "PATH",
+        default: None,
+        on_cmdline: true,
+        secret: false,
+        help: "a file (mode 0600) whose content is the token; beats token from a lower source",
+        check: check_path,
     },
     Setting {
         name: "mmds",
@@ -166,7 +185,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "kmsg",
         value_name: "PATH|off",
-        default: Some("/dev/kmsg"),
+        default: Some(crate::restore::KMSG),
         on_cmdline: true,
         secret: false,
         help: "kernel log watched for snapshot restores (VMGenID); off disables the detection",
@@ -256,8 +275,16 @@ fn check_log(v: &str) -> Result<(), String> {
 }
 
 fn check_proc_root(v: &str) -> Result<(), String> {
-    if v.is_empty() {
-        return Err("a directory path".into());
+    match std::fs::metadata(v) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err("a directory (this is not one)".into()),
+        Err(e) => Err(format!("an existing directory ({e})")),
+    }
+}
+
+fn check_path(v: &str) -> Result<(), String> {
+    if v.is_empty() || v.chars().any(char::is_control) {
+        return Err("a file path".into());
     }
     Ok(())
 }
@@ -348,6 +375,11 @@ mod tests {
             ("mmds", "metadata", false),
             ("kmsg", "off", true),
             ("kmsg", "", false),
+            ("proc_root", "/proc", true),
+            ("proc_root", "/nonexistent/proc", false),
+            ("proc_root", "/proc/self/stat", false),
+            ("token_file", "/run/secrets/token", true),
+            ("token_file", "", false),
         ];
         for (name, value, ok) in cases {
             let r = (setting(name).unwrap().check)(value);

@@ -25,12 +25,15 @@ pub enum Mode {
     CloseMidResponse,
     /// Accept the connection and close it at once.
     Reset,
+    /// 204 for a JSON array of samples of this schema, 400 for anything else.
+    Samples,
 }
 
 /// One request the receiver saw.
 #[derive(Debug, Clone)]
 pub struct Request {
     pub at: Instant,
+    pub method: String,
     pub path: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
@@ -43,6 +46,7 @@ pub struct Request {
 #[derive(Default)]
 struct State {
     requests: Vec<Request>,
+    connections: u64,
 }
 
 /// An HTTP/1.1 receiver with keep-alive, on 127.0.0.1.
@@ -68,6 +72,7 @@ impl Receiver {
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
+                s.lock().unwrap().connections += 1;
                 let (m, s) = (m.clone(), s.clone());
                 std::thread::spawn(move || serve(conn, m, s));
             }
@@ -81,6 +86,11 @@ impl Receiver {
 
     pub fn set_mode(&self, mode: Mode) {
         *self.mode.lock().unwrap() = mode;
+    }
+
+    /// Connections accepted so far (in `Reset` mode, each is a failed push).
+    pub fn connections(&self) -> u64 {
+        self.state.lock().unwrap().connections
     }
 
     pub fn requests(&self) -> Vec<Request> {
@@ -110,14 +120,6 @@ impl Receiver {
     }
 }
 
-/// A port nothing listens on (bound, then released).
-pub fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 /// Polls `pred` every 20 ms until it holds; panics after `secs` seconds.
 pub fn wait_until(secs: u64, what: &str, mut pred: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -136,7 +138,7 @@ fn serve(mut conn: TcpStream, mode: Arc<Mutex<Mode>>, state: Arc<Mutex<State>>) 
         if matches!(*mode.lock().unwrap(), Mode::Reset) {
             return;
         }
-        let Some((path, headers, body)) = read_request(&mut conn, &mut buf) else {
+        let Some((method, path, headers, body)) = read_request(&mut conn, &mut buf) else {
             return;
         };
         let samples = serde_json::from_slice::<Vec<serde_json::Value>>(&body).unwrap_or_default();
@@ -146,10 +148,15 @@ fn serve(mut conn: TcpStream, mode: Arc<Mutex<Mode>>, state: Arc<Mutex<State>>) 
             Mode::Status(code, h) => (*code, h.clone()),
             Mode::TooLargeAbove(n) if samples.len() > *n => (413, vec![]),
             Mode::TooLargeAbove(_) => (204, vec![]),
+            Mode::Samples => match serde_json::from_slice::<Vec<guest_agent::Sample>>(&body) {
+                Ok(_) => (204, vec![]),
+                Err(_) => (400, vec![]),
+            },
             Mode::Hang | Mode::CloseMidResponse | Mode::Reset => (0, vec![]),
         };
         state.lock().unwrap().requests.push(Request {
             at: Instant::now(),
+            method,
             path,
             headers,
             body,
@@ -182,8 +189,8 @@ fn serve(mut conn: TcpStream, mode: Arc<Mutex<Mode>>, state: Arc<Mutex<State>>) 
     }
 }
 
-/// A request's path, lower-cased headers and body.
-type Parsed = (String, Vec<(String, String)>, Vec<u8>);
+/// A request's method, path, lower-cased headers and body.
+type Parsed = (String, String, Vec<(String, String)>, Vec<u8>);
 
 /// Reads one request (head and Content-Length body) from a keep-alive
 /// connection; `buf` carries bytes read past the previous request.
@@ -193,6 +200,7 @@ fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Parsed> {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut req = httparse::Request::new(&mut headers);
         if let Ok(httparse::Status::Complete(head_len)) = req.parse(buf) {
+            let method = req.method.unwrap_or("").to_string();
             let path = req.path.unwrap_or("").to_string();
             let hs: Vec<(String, String)> = req
                 .headers
@@ -218,7 +226,7 @@ fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Parsed> {
             }
             let body = buf[head_len..head_len + len].to_vec();
             buf.drain(..head_len + len);
-            return Some((path, hs, body));
+            return Some((method, path, hs, body));
         }
         let n = conn.read(&mut chunk).ok()?;
         if n == 0 {
@@ -226,6 +234,149 @@ fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Parsed> {
         }
         buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// The agent binary as a child process, killed if the test ends early
+/// (a panic included), with its stderr collected as it comes.
+pub struct AgentProcess {
+    child: std::process::Child,
+    stderr: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AgentProcess {
+    /// Starts `guest-agent ARGS` on the fixture proc root with no config
+    /// file and the listener off unless `args` says otherwise.
+    pub fn start(args: &[&str]) -> AgentProcess {
+        use std::process::{Command, Stdio};
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_guest-agent"));
+        cmd.args(["--proc-root", &fixture_root(), "--config", "/nonexistent"]);
+        // Only what the test says: nothing from the caller's environment.
+        for s in guest_agent::config::settings::SETTINGS {
+            cmd.env_remove(s.env());
+        }
+        if !args.contains(&"--listen") {
+            cmd.args(["--listen", "off"]);
+        }
+        let mut child = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start guest-agent");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (mut pipe, sink) = (child.stderr.take().unwrap(), stderr.clone());
+        let reader = std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&chunk[..n]));
+            }
+        });
+        AgentProcess {
+            child,
+            stderr,
+            reader: Some(reader),
+        }
+    }
+
+    /// Everything it wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until its stderr has a line containing `text`; returns the line.
+    pub fn wait_for_log(&self, secs: u64, text: &str) -> String {
+        let mut line = String::new();
+        wait_until(secs, text, || {
+            match self.stderr().lines().find(|l| l.contains(text)) {
+                Some(l) => {
+                    line = l.to_string();
+                    true
+                }
+                None => false,
+            }
+        });
+        line
+    }
+
+    /// The listener's address, from its start-up log line.
+    pub fn listen_addr(&self) -> SocketAddr {
+        let line = self.wait_for_log(30, "listening on ");
+        let addr = line.rsplit("listening on ").next().unwrap_or_default();
+        addr.trim_start_matches("http://")
+            .split_whitespace()
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+    }
+
+    /// Sends `signal` (`TERM`, `INT`, `KILL`) to it.
+    pub fn signal(&self, signal: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(ok.success(), "kill -{signal} failed");
+    }
+
+    /// Waits for it to exit (at most `secs`); its status and stderr.
+    pub fn wait(mut self, secs: u64) -> (std::process::ExitStatus, String) {
+        let mut status = None;
+        wait_until(secs, "the agent to exit", || {
+            status = self.child.try_wait().expect("try_wait");
+            status.is_some()
+        });
+        // The reader sees end of file once the process is gone.
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        (status.unwrap(), self.stderr())
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `GET http://ADDR/PATH` (bounded by a generous deadline): the status and
+/// the body as text.
+pub fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut resp = ureq::get(&format!("http://{addr}{path}"))
+        .config()
+        .timeout_global(Some(Duration::from_secs(30)))
+        .http_status_as_error(false)
+        .build()
+        .call()
+        .unwrap_or_else(|e| panic!("GET {path} from {addr}: {e}"));
+    let body = resp.body_mut().read_to_string().unwrap_or_default();
+    (resp.status().as_u16(), body)
+}
+
+/// `guest-agent --once --url off ARGS` with no config file and nothing
+/// from the caller's environment: the sample as JSON.
+pub fn once(args: &[&str]) -> serde_json::Value {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_guest-agent"));
+    cmd.args(["--once", "--url", "off", "--config", "/nonexistent"])
+        .args(args);
+    for s in guest_agent::config::settings::SETTINGS {
+        cmd.env_remove(s.env());
+    }
+    let out = cmd.output().expect("run guest-agent --once");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("--once prints JSON")
 }
 
 /// The fixture proc root captured from a real machine.

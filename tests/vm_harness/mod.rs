@@ -1,5 +1,8 @@
 //! The end-to-end VM harness: assets, initramfs, QEMU and an ingest receiver.
 
+#[path = "../common/mod.rs"]
+pub mod common;
+
 pub mod assets;
 pub mod cpio;
 pub mod initramfs;

@@ -1,16 +1,15 @@
-//! A minimal HTTP/1.1 ingest endpoint on 127.0.0.1:0 (std only): parses the
-//! request line, headers and a Content-Length (or chunked) body, answers
-//! 204, keeps connections alive, and records every request with the sample
-//! array parsed from its body.
+//! The VM tests' ingest endpoint on 127.0.0.1:0: the tests' one receiver
+//! (tests/common) answering 204 to a sample array and 400 to anything else,
+//! its requests read as [`Post`]s with the samples parsed.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use guest_agent::Sample;
+
+use super::common::{self, Mode};
 
 /// One request as received.
 #[derive(Debug, Clone)]
@@ -24,37 +23,21 @@ pub struct Post {
     pub samples: Result<Vec<Sample>, String>,
 }
 
-#[derive(Default)]
-struct State {
-    posts: Vec<Post>,
-}
-
-type Shared = Arc<(Mutex<State>, Condvar)>;
-
 pub struct Receiver {
     pub addr: SocketAddr,
-    shared: Shared,
-    stop: Arc<AtomicBool>,
+    inner: common::Receiver,
+    /// Requests already read as posts, so a wait does not parse them again.
+    posts: Mutex<Vec<Post>>,
 }
 
 impl Receiver {
     pub fn start() -> Receiver {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let addr = listener.local_addr().unwrap();
-        let shared: Shared = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (s, st) = (shared.clone(), stop.clone());
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if st.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(conn) = conn else { continue };
-                let s = s.clone();
-                std::thread::spawn(move || serve(conn, s));
-            }
-        });
-        Receiver { addr, shared, stop }
+        let inner = common::Receiver::start(Mode::Samples);
+        Receiver {
+            addr: inner.addr,
+            inner,
+            posts: Mutex::new(Vec::new()),
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -63,7 +46,23 @@ impl Receiver {
 
     /// Every request so far.
     pub fn posts(&self) -> Vec<Post> {
-        self.shared.0.lock().unwrap().posts.clone()
+        let mut posts = self.posts.lock().unwrap();
+        for r in self.inner.requests().into_iter().skip(posts.len()) {
+            let samples = serde_json::from_slice::<Vec<Sample>>(&r.body).map_err(|e| {
+                format!(
+                    "{e}: {}",
+                    String::from_utf8_lossy(&r.body[..r.body.len().min(300)])
+                )
+            });
+            posts.push(Post {
+                at: r.at,
+                method: r.method,
+                path: r.path,
+                headers: r.headers.into_iter().collect(),
+                samples,
+            });
+        }
+        posts.clone()
     }
 
     /// Waits until `pred` over the requests so far gives a value; `None` at
@@ -73,123 +72,14 @@ impl Receiver {
         deadline: Instant,
         mut pred: impl FnMut(&[Post]) -> Option<T>,
     ) -> Option<T> {
-        let (lock, cond) = &*self.shared;
-        let mut st = lock.lock().unwrap();
         loop {
-            if let Some(v) = pred(&st.posts) {
+            if let Some(v) = pred(&self.posts()) {
                 return Some(v);
             }
-            let now = Instant::now();
-            if now >= deadline {
+            if Instant::now() >= deadline {
                 return None;
             }
-            st = cond.wait_timeout(st, deadline - now).unwrap().0;
+            std::thread::sleep(Duration::from_millis(50));
         }
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop so its thread ends.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-    }
-}
-
-fn serve(conn: TcpStream, shared: Shared) {
-    // An idle keep-alive connection is dropped eventually; the agent reconnects.
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(120)));
-    let mut writer = match conn.try_clone() {
-        Ok(w) => w,
-        Err(_) => return,
-    };
-    let mut reader = BufReader::new(conn);
-    while let Some(post) = read_request(&mut reader) {
-        let close = post
-            .headers
-            .get("connection")
-            .is_some_and(|v| v.eq_ignore_ascii_case("close"));
-        let status = match post.samples {
-            Ok(_) => "204 No Content",
-            Err(_) => "400 Bad Request",
-        };
-        let (lock, cond) = &*shared;
-        lock.lock().unwrap().posts.push(post);
-        cond.notify_all();
-        let head = format!(
-            "HTTP/1.1 {status}\r\n{}\r\n",
-            if close { "Connection: close\r\n" } else { "" }
-        );
-        if writer.write_all(head.as_bytes()).is_err() || close {
-            return;
-        }
-    }
-}
-
-fn read_line(r: &mut impl BufRead) -> Option<String> {
-    let mut line = String::new();
-    match r.read_line(&mut line) {
-        Ok(0) | Err(_) => None,
-        Ok(_) => Some(line.trim_end_matches(['\r', '\n']).to_string()),
-    }
-}
-
-fn read_request(r: &mut BufReader<TcpStream>) -> Option<Post> {
-    let request_line = read_line(r)?;
-    let at = Instant::now();
-    let mut parts = request_line.split(' ');
-    let method = parts.next()?.to_string();
-    let path = parts.next()?.to_string();
-    let mut headers = BTreeMap::new();
-    loop {
-        let line = read_line(r)?;
-        if line.is_empty() {
-            break;
-        }
-        let (k, v) = line.split_once(':')?;
-        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-    }
-    let body = if headers
-        .get("transfer-encoding")
-        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
-    {
-        read_chunked(r)?
-    } else {
-        let len: usize = headers
-            .get("content-length")
-            .map_or(Some(0), |v| v.parse().ok())?;
-        let mut body = vec![0; len];
-        r.read_exact(&mut body).ok()?;
-        body
-    };
-    let samples = serde_json::from_slice::<Vec<Sample>>(&body).map_err(|e| {
-        format!(
-            "{e}: {}",
-            String::from_utf8_lossy(&body[..body.len().min(300)])
-        )
-    });
-    Some(Post {
-        at,
-        method,
-        path,
-        headers,
-        samples,
-    })
-}
-
-fn read_chunked(r: &mut BufReader<TcpStream>) -> Option<Vec<u8>> {
-    let mut body = Vec::new();
-    loop {
-        let size_line = read_line(r)?;
-        let size = usize::from_str_radix(size_line.split(';').next()?.trim(), 16).ok()?;
-        if size == 0 {
-            // Trailers, then the empty line.
-            while !read_line(r)?.is_empty() {}
-            return Some(body);
-        }
-        let start = body.len();
-        body.resize(start + size, 0);
-        r.read_exact(&mut body[start..]).ok()?;
-        read_line(r)?;
     }
 }
