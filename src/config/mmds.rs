@@ -554,13 +554,14 @@ mod tests {
     }
 
     #[test]
-    fn a_get_without_a_valid_token_is_refused_and_reported() {
-        // The stand-in answers 401 to a GET whose token it did not issue, as
-        // MMDS V2 does; a server that issues none is an error, not a hang.
+    fn a_service_that_issues_no_token_is_an_error() {
+        // A service that does not speak V2 answers the token PUT with 405:
+        // reported with its status, and no GET is tried without a token.
         let mmds = MmdsStandIn::start(r#"{"guest_agent": {"vm_id": "x"}}"#);
         mmds.refuse_tokens();
         let e = fetch(mmds.addr()).unwrap_err().to_string();
         assert!(e.contains("mmds") && e.contains("HTTP 405"), "{e}");
+        assert!(mmds.requests().iter().all(|r| r.method == "PUT"));
     }
 
     #[test]
