@@ -39,6 +39,7 @@ mod influx;
 mod listener;
 mod logging;
 mod push;
+mod restore;
 mod route;
 mod status;
 mod stop;

@@ -7,6 +7,7 @@
 //! decided in one place.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -145,6 +146,9 @@ pub struct Shared {
     status: Mutex<Status>,
     /// The guest-address report to a pull-model manager (docs/manager.md).
     pub guest_ip_report: crate::guest_ip::ReportState,
+    /// Snapshot restores detected (crate::restore): the sender compares it
+    /// with the last value it saw to drop its connections.
+    restores: AtomicU64,
 }
 
 impl Shared {
@@ -173,6 +177,7 @@ impl Shared {
                 collector_errors: BTreeMap::new(),
             }),
             guest_ip_report: crate::guest_ip::ReportState::new(config),
+            restores: AtomicU64::new(0),
         })
     }
 
@@ -203,6 +208,16 @@ impl Shared {
                 .map(|(k, v)| (k.to_string(), v.clone()))
                 .collect();
         }
+    }
+
+    /// Records a snapshot restore; returns the new restore generation.
+    pub fn note_restore(&self) -> u64 {
+        self.restores.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The restore generation: snapshot restores detected so far.
+    pub fn restores(&self) -> u64 {
+        self.restores.load(Ordering::SeqCst)
     }
 
     /// The latest sample, if one was collected.

@@ -203,7 +203,7 @@ impl Drop for Vm {
 
 /// The host's TSC frequency, measured against the monotonic clock once.
 #[cfg(target_arch = "x86_64")]
-fn host_tsc_khz() -> u64 {
+pub fn host_tsc_khz() -> u64 {
     static KHZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *KHZ.get_or_init(|| {
         // SAFETY: rdtsc has no preconditions on x86_64.
@@ -220,7 +220,7 @@ fn host_tsc_khz() -> u64 {
 /// Other hosts have no TSC; the guest (always x86_64 here, under TCG)
 /// calibrates as it can, which is slower but works.
 #[cfg(not(target_arch = "x86_64"))]
-fn host_tsc_khz() -> u64 {
+pub fn host_tsc_khz() -> u64 {
     0
 }
 
