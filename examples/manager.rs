@@ -1,47 +1,54 @@
 //! A reference ingest server for manager developers: what the receiving end
-//! of guest-agent's pushes has to do (GUIDE §3, §5), in one std-only file.
+//! of guest-agent's pushes has to do (docs/design.md#the-sample,
+//! docs/design.md#delivery), in one std-only file.
 //!
 //! ```text
-//! cargo run --example manager -- [--listen 127.0.0.1:18080] [--ndjson FILE] [--token TOKEN]
+//! cargo run --example manager -- [--listen 127.0.0.1:18080 | --unix PATH] [--ndjson FILE] [--token TOKEN]
 //! ```
 //!
-//! It accepts `POST /v1/guest-metrics` with a JSON array of samples, checks
-//! each with [`Sample::from_json_strict`] (a batch is stored whole or not at
-//! all), drops samples it has already seen by (`run_id`, `seq`), prints one
-//! line per new sample, optionally appends each new sample to an NDJSON file,
-//! and answers 204. The first line on stdout is `listening on ADDR`, so a
+//! `--unix PATH` listens on a Unix socket instead: the host side of a
+//! Firecracker VM whose agent pushes over vsock is `--unix <uds_path>_PORT`
+//! (docs/vsock.md).
+//!
+//! It accepts `POST /v1/guest-metrics` with a JSON array of samples and
+//! hands the body to the library's ingest kit (`guest_agent::ingest`), which
+//! validates it (a batch is stored whole or not at all; fields it does not
+//! know are ignored) and sorts its samples into new ones, duplicates by
+//! (`run_id`, `seq`) and conflicts (a pair seen before with a different
+//! payload, reported on stderr). It prints one line per new sample,
+//! optionally appends each to an NDJSON file, and answers 200 with the
+//! counts as JSON. The first line on stdout is `listening on ADDR`, so a
 //! caller that asked for port 0 learns the port.
 //!
-//! Answers: 400 with a short reason for a body that does not parse or fails
-//! validation; 401 without the right `Authorization: Bearer` (with
-//! `--token`); 404 for other paths, 405 for other methods; 411 without a
-//! `Content-Length`, 501 for `Transfer-Encoding` (the agent always sends a
-//! length); 413 for bodies over [`MAX_BODY`], 431 for heads over
-//! [`MAX_HEAD`]; 500 when the NDJSON
-//! file cannot be written (the batch is not marked seen, so the agent's retry
-//! stores it); 503 with `Retry-After` when [`MAX_CONNECTIONS`] are open.
+//! Answers: 400 with a JSON reason for a body that does not parse or fails
+//! validation, 422 for a schema other than 1; 401 without the right
+//! `Authorization: Bearer` (with `--token`); 404 for other paths, 405 for
+//! other methods; 411 without a `Content-Length`, 501 for
+//! `Transfer-Encoding` (the agent always sends a length); 413 for bodies
+//! over the kit's `MAX_BODY`, 431 for heads over [`MAX_HEAD`]; 503 when the
+//! NDJSON file cannot be written (the batch is not marked seen, so the
+//! agent's retry stores it) and, with `Retry-After`, when
+//! [`MAX_CONNECTIONS`] are open.
 //!
 //! HTTP/1.1 keep-alive, one thread per connection, and every read has a
 //! deadline. A production manager keeps the same contract but stores samples
-//! in its database, where a unique key on (`run_id`, `seq`) replaces the
-//! in-memory [`Dedup`] and survives restarts.
+//! in its database, where a unique key on (`run_id`, `seq`) backs the kit's
+//! in-memory de-duplication and survives restarts.
 
-use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use guest_agent::Sample;
+use guest_agent::ingest::{self, Ingest};
 
 /// The ingest path the agent POSTs to by default.
 const INGEST_PATH: &str = "/v1/guest-metrics";
-/// Largest request body accepted, bytes: a full batch of 10,000 samples is
-/// about 15 MB pretty-printed but under 8 MiB as the agent sends it.
-const MAX_BODY: usize = 8 * 1024 * 1024;
 /// Largest request head (request line and headers), bytes.
 const MAX_HEAD: usize = 16 * 1024;
 /// Most headers in one request.
@@ -54,14 +61,6 @@ const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Deadline for writing one response.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Sequence numbers remembered below the highest seen, per run. The agent
-/// sends oldest first and only resends the batch in flight (at most 10,000
-/// samples, its largest `batch`), so a duplicate is always within this
-/// window; anything older is treated as already seen.
-const DEDUP_WINDOW: u64 = 16 * 1024;
-/// Runs (agent processes) remembered; the least recently active is
-/// forgotten first. Each costs `DEDUP_WINDOW / 8` bytes (2 KiB).
-const MAX_RUNS: usize = 4096;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -82,8 +81,10 @@ fn main() {
     }
 }
 
-const USAGE: &str = "usage: manager [--listen ADDR:PORT] [--ndjson FILE] [--token TOKEN]
+const USAGE: &str =
+    "usage: manager [--listen ADDR:PORT | --unix PATH] [--ndjson FILE] [--token TOKEN]
   --listen ADDR:PORT  where to listen (default 127.0.0.1:18080; port 0 picks one)
+  --unix PATH         listen on a Unix socket instead (a Firecracker vsock host side)
   --ndjson FILE       append each new sample to FILE as one JSON line
   --token TOKEN       require Authorization: Bearer TOKEN
 ";
@@ -91,6 +92,7 @@ const USAGE: &str = "usage: manager [--listen ADDR:PORT] [--ndjson FILE] [--toke
 /// The command line.
 struct Options {
     listen: SocketAddr,
+    unix: Option<PathBuf>,
     ndjson: Option<PathBuf>,
     token: Option<String>,
 }
@@ -100,6 +102,7 @@ impl Options {
     fn parse(args: &[String]) -> Result<Option<Options>, String> {
         let mut opts = Options {
             listen: SocketAddr::from(([127, 0, 0, 1], 18080)),
+            unix: None,
             ndjson: None,
             token: None,
         };
@@ -118,6 +121,7 @@ impl Options {
                         format!("--listen {value:?}: expected an address such as 127.0.0.1:18080")
                     })?
                 }
+                "--unix" => opts.unix = Some(PathBuf::from(value)),
                 "--ndjson" => opts.ndjson = Some(PathBuf::from(value)),
                 "--token" => {
                     if value.is_empty() || !value.bytes().all(|b| b.is_ascii_graphic()) {
@@ -127,6 +131,9 @@ impl Options {
                 }
                 _ => return Err(format!("unknown argument {flag:?}")),
             }
+        }
+        if opts.unix.is_some() && args.iter().any(|a| a == "--listen") {
+            return Err("--listen and --unix exclude each other".into());
         }
         Ok(Some(opts))
     }
@@ -142,7 +149,7 @@ struct Shared {
 /// Seen samples and where new ones go, under one lock so that the NDJSON
 /// file's order is the order samples were accepted in.
 struct Store {
-    dedup: Dedup,
+    ingest: Ingest,
     ndjson: Option<File>,
 }
 
@@ -152,12 +159,101 @@ pub type Sink = Box<dyn Fn(&Sample) + Send + Sync>;
 
 fn run(opts: Options) -> Result<(), String> {
     let (listener, shared) = open(opts, Box::new(print_summary))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| format!("cannot read the bound address: {e}"))?;
-    println!("listening on {addr}");
+    println!("listening on {}", listener.name()?);
     accept_loop(listener, shared);
     Ok(())
+}
+
+/// Binds a Unix socket at `path`. A socket file left by a listener that
+/// was killed (nothing accepts on it any more) is replaced, so a restarted
+/// host side needs no clean-up; a live one is an error.
+fn bind_unix(path: &std::path::Path) -> Result<UnixListener, String> {
+    use std::os::unix::fs::FileTypeExt;
+    let stale = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+        && UnixStream::connect(path).is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused);
+    if stale {
+        std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove the stale socket {}: {e}", path.display()))?;
+    }
+    UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))
+}
+
+/// Where connections come from.
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    /// What the first stdout line names: the bound address (the port chosen
+    /// for port 0), or `unix:PATH`.
+    fn name(&self) -> Result<String, String> {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .map_err(|e| format!("cannot read the bound address: {e}")),
+            Listener::Unix(l) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
+                .ok_or_else(|| "cannot read the bound socket path".into()),
+        }
+    }
+
+    fn accept(&self) -> io::Result<(Stream, String)> {
+        match self {
+            Listener::Tcp(l) => l.accept().map(|(s, a)| (Stream::Tcp(s), a.to_string())),
+            Listener::Unix(l) => l.accept().map(|(s, _)| (Stream::Unix(s), "unix".into())),
+        }
+    }
+}
+
+/// One accepted connection, TCP or Unix.
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(t),
+            Stream::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.flush(),
+            Stream::Unix(s) => s.flush(),
+        }
+    }
 }
 
 /// Starts a receiver on `listen` on its own thread, giving every new sample
@@ -165,13 +261,17 @@ fn run(opts: Options) -> Result<(), String> {
 pub fn spawn(listen: SocketAddr, sink: Sink) -> Result<SocketAddr, String> {
     let opts = Options {
         listen,
+        unix: None,
         ndjson: None,
         token: None,
     };
     let (listener, shared) = open(opts, sink)?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| format!("cannot read the bound address: {e}"))?;
+    let addr = match &listener {
+        Listener::Tcp(l) => l
+            .local_addr()
+            .map_err(|e| format!("cannot read the bound address: {e}"))?,
+        Listener::Unix(_) => unreachable!("spawn listens on TCP"),
+    };
     std::thread::Builder::new()
         .name("manager".into())
         .spawn(move || accept_loop(listener, shared))
@@ -180,7 +280,7 @@ pub fn spawn(listen: SocketAddr, sink: Sink) -> Result<SocketAddr, String> {
 }
 
 /// Opens the NDJSON file and binds the listener.
-fn open(opts: Options, sink: Sink) -> Result<(TcpListener, Arc<Shared>), String> {
+fn open(opts: Options, sink: Sink) -> Result<(Listener, Arc<Shared>), String> {
     let ndjson = match &opts.ndjson {
         Some(path) => Some(
             OpenOptions::new()
@@ -191,13 +291,18 @@ fn open(opts: Options, sink: Sink) -> Result<(TcpListener, Arc<Shared>), String>
         ),
         None => None,
     };
-    let listener = TcpListener::bind(opts.listen)
-        .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
+    let listener = match &opts.unix {
+        Some(path) => Listener::Unix(bind_unix(path)?),
+        None => Listener::Tcp(
+            TcpListener::bind(opts.listen)
+                .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?,
+        ),
+    };
     let shared = Arc::new(Shared {
         token: opts.token,
         sink,
         store: Mutex::new(Store {
-            dedup: Dedup::default(),
+            ingest: Ingest::new(),
             ndjson,
         }),
     });
@@ -205,10 +310,10 @@ fn open(opts: Options, sink: Sink) -> Result<(TcpListener, Arc<Shared>), String>
 }
 
 /// Serves connections until the process ends.
-fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+fn accept_loop(listener: Listener, shared: Arc<Shared>) {
     let open = Arc::new(AtomicUsize::new(0));
-    for conn in listener.incoming() {
-        let stream = match conn {
+    loop {
+        let (stream, peer) = match listener.accept() {
             Ok(s) => s,
             Err(e) => {
                 // Out of file descriptors, a reset before accept: the
@@ -230,9 +335,6 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             .name("conn".into())
             .spawn(move || {
                 let _slot = guard;
-                let peer = stream
-                    .peer_addr()
-                    .map_or_else(|_| "?".into(), |a| a.to_string());
                 if let Err(e) = serve(Conn::new(stream), &shared) {
                     eprintln!("manager: {peer}: {e}");
                 }
@@ -264,6 +366,7 @@ struct Reply {
     reason: &'static str,
     headers: Vec<(&'static str, String)>,
     body: String,
+    json: bool,
 }
 
 impl Reply {
@@ -273,11 +376,22 @@ impl Reply {
             reason,
             headers: Vec::new(),
             body: body.into(),
+            json: false,
         }
     }
 
-    fn no_content() -> Reply {
-        Reply::new(204, "No Content", "")
+    /// The ingest kit's answer, with its JSON body.
+    fn from_kit(r: ingest::Reply) -> Reply {
+        let reason = match r.status {
+            200 => "OK",
+            400 => "Bad Request",
+            413 => "Content Too Large",
+            422 => "Unprocessable Content",
+            _ => "Service Unavailable",
+        };
+        let mut reply = Reply::new(r.status, reason, r.body);
+        reply.json = true;
+        reply
     }
 
     fn bad_request(why: impl std::fmt::Display) -> Reply {
@@ -294,12 +408,12 @@ impl Reply {
 /// A connection with the bytes read from it but not used yet (the start of
 /// a pipelined request).
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     buf: Vec<u8>,
 }
 
 impl Conn {
-    fn new(stream: TcpStream) -> Conn {
+    fn new(stream: Stream) -> Conn {
         Conn {
             stream,
             buf: Vec::new(),
@@ -327,7 +441,9 @@ impl Conn {
             reply.reason,
             reply.body.len()
         );
-        if !reply.body.is_empty() {
+        if reply.json {
+            head.push_str("Content-Type: application/json\r\n");
+        } else if !reply.body.is_empty() {
             head.push_str("Content-Type: text/plain; charset=utf-8\r\n");
         }
         for (name, value) in &reply.headers {
@@ -503,12 +619,8 @@ fn refuse(head: &Head, shared: &Shared) -> Option<Reply> {
             "Transfer-Encoding is not supported; send Content-Length\n",
         ));
     }
-    if head.content_length.is_some_and(|n| n > MAX_BODY) {
-        return Some(Reply::new(
-            413,
-            "Content Too Large",
-            format!("body over {MAX_BODY} bytes\n"),
-        ));
+    if let Some(Err(refusal)) = head.content_length.map(|n| ingest::check_length(n as u64)) {
+        return Some(Reply::from_kit(refusal.reply()));
     }
     None
 }
@@ -519,59 +631,44 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Validates a batch and stores its new samples.
+/// Validates a batch with the ingest kit and stores its new samples.
 fn ingest(body: &[u8], shared: &Shared) -> Reply {
-    let value: serde_json::Value = match serde_json::from_slice(body) {
-        Ok(v) => v,
-        Err(e) => return Reply::bad_request(format!("body is not JSON: {e}")),
-    };
-    let Some(items) = value.as_array() else {
-        return Reply::bad_request("body is not a JSON array of samples");
-    };
-    if items.is_empty() {
-        return Reply::bad_request("empty batch");
-    }
-    let mut samples = Vec::with_capacity(items.len());
-    for (i, item) in items.iter().enumerate() {
-        match Sample::from_json_strict(item) {
-            Ok(s) => samples.push(s),
-            Err(e) => return Reply::bad_request(format!("sample {i}: {e}")),
-        }
-    }
-
     let mut store = lock(&shared.store);
-    // Pick the new ones first and mark them seen only once they are
-    // stored: a failed write leaves them new for the agent's retry.
-    let mut in_batch = HashSet::new();
-    let fresh: Vec<&Sample> = samples
-        .iter()
-        .filter(|s| !store.dedup.seen(&s.run_id, s.seq) && in_batch.insert((&s.run_id, s.seq)))
-        .collect();
+    let batch = match store.ingest.prepare(body) {
+        Ok(b) => b,
+        Err(refusal) => return Reply::from_kit(refusal.reply()),
+    };
+    for c in batch.conflicts() {
+        eprintln!(
+            "manager: run {} seq {} (vm {}) was stored before with a different payload; the first is kept",
+            c.run_id,
+            c.seq,
+            c.vm_id.as_deref().unwrap_or("?")
+        );
+    }
+    // Remembered as seen only once stored: a failed write leaves the
+    // samples new for the agent's retry.
     if let Some(file) = store.ndjson.as_mut() {
         let mut lines = String::new();
-        for s in &fresh {
+        for s in batch.fresh() {
             match serde_json::to_string(s) {
                 Ok(line) => {
                     lines.push_str(&line);
                     lines.push('\n');
                 }
-                Err(e) => {
-                    return Reply::new(500, "Internal Server Error", format!("encode: {e}\n"));
-                }
+                Err(e) => return Reply::from_kit(ingest::Reply::store_failed(&e.to_string())),
             }
         }
         if let Err(e) = file.write_all(lines.as_bytes()).and_then(|()| file.flush()) {
             eprintln!("manager: writing the NDJSON file: {e}");
-            return Reply::new(500, "Internal Server Error", "cannot store samples\n");
+            return Reply::from_kit(ingest::Reply::store_failed("cannot store samples"));
         }
     }
-    for s in &fresh {
-        store.dedup.mark(&s.run_id, s.seq);
-    }
-    for s in &fresh {
+    store.ingest.commit(&batch);
+    for s in batch.fresh() {
         (shared.sink)(s);
     }
-    Reply::no_content()
+    Reply::from_kit(batch.reply())
 }
 
 /// Prints one compact line per sample. A closed stdout must not stop
@@ -594,80 +691,4 @@ fn summary(s: &Sample) -> String {
         s.load_average
             .map_or_else(|| "-".into(), |v| format!("{v:.2}")),
     )
-}
-
-/// Which (`run_id`, `seq`) pairs were seen, in bounded memory: per run, the
-/// highest seq and a bitmap of the [`DEDUP_WINDOW`] seqs below it (as in
-/// IPsec's anti-replay window); at most [`MAX_RUNS`] runs, the least recently
-/// active forgotten first.
-///
-/// Gaps are normal (the agent drops samples when its buffer overflows or a
-/// batch is refused), so the window slides on the highest seq, not on the
-/// highest contiguous one. Limits: a seq more than the window below the
-/// highest counts as seen; a forgotten run's resent samples count as new.
-#[derive(Default)]
-struct Dedup {
-    runs: HashMap<String, Window>,
-    clock: u64,
-}
-
-struct Window {
-    highest: u64,
-    bits: Vec<u64>,
-    last_active: u64,
-}
-
-impl Dedup {
-    fn seen(&self, run_id: &str, seq: u64) -> bool {
-        let Some(w) = self.runs.get(run_id) else {
-            return false;
-        };
-        if seq > w.highest {
-            return false;
-        }
-        if w.highest - seq >= DEDUP_WINDOW {
-            return true;
-        }
-        let bit = seq % DEDUP_WINDOW;
-        w.bits[(bit / 64) as usize] & (1 << (bit % 64)) != 0
-    }
-
-    fn mark(&mut self, run_id: &str, seq: u64) {
-        self.clock += 1;
-        if !self.runs.contains_key(run_id) && self.runs.len() >= MAX_RUNS {
-            let oldest = self
-                .runs
-                .iter()
-                .min_by_key(|(_, w)| w.last_active)
-                .map(|(k, _)| k.clone());
-            if let Some(k) = oldest {
-                self.runs.remove(&k);
-            }
-        }
-        let w = self
-            .runs
-            .entry(run_id.to_string())
-            .or_insert_with(|| Window {
-                highest: 0,
-                bits: vec![0; (DEDUP_WINDOW / 64) as usize],
-                last_active: 0,
-            });
-        w.last_active = self.clock;
-        if seq > w.highest {
-            // Slide: the seqs between the old and new highest are unseen.
-            if seq - w.highest >= DEDUP_WINDOW {
-                w.bits.fill(0);
-            } else {
-                for s in w.highest + 1..seq {
-                    let bit = s % DEDUP_WINDOW;
-                    w.bits[(bit / 64) as usize] &= !(1 << (bit % 64));
-                }
-            }
-            w.highest = seq;
-        } else if w.highest - seq >= DEDUP_WINDOW {
-            return;
-        }
-        let bit = seq % DEDUP_WINDOW;
-        w.bits[(bit / 64) as usize] |= 1 << (bit % 64);
-    }
 }

@@ -20,6 +20,7 @@ pub struct Running {
     collector: Option<JoinHandle<()>>,
     sender: Option<JoinHandle<()>>,
     listener: Option<crate::listener::Listener>,
+    guest_ip: Option<JoinHandle<()>>,
 }
 
 /// Starts collecting (first sample at once), pushing and listening. If a
@@ -44,6 +45,7 @@ pub fn start(config: Config) -> Result<Running> {
         collector: None,
         sender: None,
         listener: None,
+        guest_ip: None,
     };
 
     // A listener that cannot bind (port taken) must not stop pushing.
@@ -57,10 +59,17 @@ pub fn start(config: Config) -> Result<Running> {
         let stop = running.stop.clone();
         running.sender = Some(spawn("the push thread", "push", move || sender.run(&stop))?);
     }
+    if let Some(reporter) = crate::guest_ip::Reporter::new(&config, shared.clone()) {
+        let stop = running.stop.clone();
+        running.guest_ip = Some(spawn("the guest-address thread", "guest-ip", move || {
+            reporter.run(&stop)
+        })?);
+    }
     let interval = config.interval;
+    let restorer = crate::restore::Restorer::new(&config);
     let (sh, st) = (shared.clone(), running.stop.clone());
     running.collector = Some(spawn("the collection thread", "collect", move || {
-        collect_loop(collector, &sh, &st, interval)
+        collect_loop(collector, restorer, &sh, &st, interval)
     })?);
     log::info!(
         "guest-agent {} started: every {}, {}",
@@ -124,6 +133,9 @@ impl Running {
         if let Some(l) = self.listener.take() {
             l.stop();
         }
+        if let Some(t) = self.guest_ip.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -137,15 +149,35 @@ impl Drop for Running {
 /// samples do not drift. If the loop falls more than an interval behind (the
 /// VM was paused, or restored from a snapshot) it resumes from now instead of
 /// bursting out the missed samples.
-fn collect_loop(mut collector: Collector, shared: &Shared, stop: &Stop, interval: Duration) {
+///
+/// A sample is numbered only after a check for a snapshot restore made a
+/// moment after its collection, so that one collected in a clone before the
+/// kernel has logged the VM fork is not numbered in the parent's run
+/// (docs/snapshots.md#timing).
+fn collect_loop(
+    mut collector: Collector,
+    mut restorer: crate::restore::Restorer,
+    shared: &Shared,
+    stop: &Stop,
+    interval: Duration,
+) {
     let mut next = Instant::now();
     let mut seq = 0;
+    let settle = crate::restore::settle(interval);
     loop {
         if stop.wait_until(next) {
             return;
         }
-        seq += 1;
         let mut sample = collector.collect();
+        if restorer.is_watching() {
+            // Stopping during the wait still records the sample.
+            stop.wait(settle);
+            if restorer.check(&mut collector, shared) {
+                collector.relabel(&mut sample);
+                seq = 0;
+            }
+        }
+        seq += 1;
         sample.seq = seq;
         sample.guest_ip = shared.status().guest_ip().map(str::to_string);
         let errors = collector

@@ -1,4 +1,4 @@
-//! Retry delays after a failed push (GUIDE §5): exponential from 1 s,
+//! Retry delays after a failed push (docs/design.md#delivery): exponential from 1 s,
 //! capped at 60 s, with full jitter, unless the manager said `Retry-After`.
 
 use std::time::Duration;

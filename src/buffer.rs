@@ -33,8 +33,11 @@ struct Inner {
     bytes: usize,
     dropped: u64,
     closed: bool,
-    /// The last seq of the batch being sent, if one is in flight.
-    in_flight_through: Option<u64>,
+    /// Samples of the batch being sent still at the front of the queue, if
+    /// one is in flight. A count, not a seq: after a snapshot restore seq
+    /// starts again at 1 while the parent's samples are still queued
+    /// (docs/snapshots.md).
+    in_flight: Option<usize>,
     /// Samples of the in-flight batch evicted by overflow.
     evicted_in_flight: u64,
 }
@@ -96,11 +99,12 @@ impl Buffer {
         while !g.queue.is_empty()
             && (g.queue.len() >= self.capacity || g.bytes + size > self.max_bytes)
         {
-            let Some((evicted, bytes)) = g.queue.pop_front() else {
+            let Some((_, bytes)) = g.queue.pop_front() else {
                 break;
             };
             g.bytes -= bytes;
-            if Some(evicted.seq) <= g.in_flight_through {
+            if let Some(n) = g.in_flight.as_mut().filter(|n| **n > 0) {
+                *n -= 1;
                 g.evicted_in_flight += 1;
             } else {
                 g.dropped += 1;
@@ -170,7 +174,7 @@ impl Buffer {
             };
         }
         let samples: Vec<Arc<Sample>> = g.queue.iter().take(max).map(|(s, _)| s.clone()).collect();
-        g.in_flight_through = samples.last().map(|s| s.seq);
+        g.in_flight = (!samples.is_empty()).then_some(samples.len());
         Batch {
             buffer: self,
             samples,
@@ -214,14 +218,13 @@ impl Batch<'_> {
     /// removes them. Those that overflow already dropped are simply no
     /// longer there. Returns how many were removed.
     pub fn remove(self) -> usize {
-        let Some(last) = self.samples.last().map(|s| s.seq) else {
+        if self.samples.is_empty() {
             return 0;
-        };
+        }
         let mut g = self.buffer.lock();
-        let n = g.queue.iter().take_while(|(s, _)| s.seq <= last).count();
+        let n = g.in_flight.take().unwrap_or(0).min(g.queue.len());
         let bytes: usize = g.queue.drain(..n).map(|(_, b)| b).sum();
         g.bytes -= bytes;
-        g.in_flight_through = None;
         g.evicted_in_flight = 0;
         n
         // Drop runs next and finds nothing in flight.
@@ -233,7 +236,7 @@ impl Drop for Batch<'_> {
     /// now count as dropped.
     fn drop(&mut self) {
         let mut g = self.buffer.lock();
-        if g.in_flight_through.take().is_some() {
+        if g.in_flight.take().is_some() {
             g.dropped += std::mem::take(&mut g.evicted_in_flight);
         }
     }
@@ -349,6 +352,19 @@ pub(crate) mod tests {
         b.push(sample(1));
         b.batch(10, None).remove();
         assert_eq!(b.stats().bytes, 0);
+    }
+
+    #[test]
+    fn a_batch_spanning_a_restore_is_removed_whole() {
+        // The parent's seq 7 and 8, then the restored run's 1, 2 and 3.
+        let b = Buffer::new(10, ROOMY);
+        for i in [7, 8, 1, 2, 3] {
+            b.push(sample(i));
+        }
+        let batch = b.batch(4, None);
+        assert_eq!(seqs(&batch), vec![7, 8, 1, 2]);
+        assert_eq!(batch.remove(), 4);
+        assert_eq!(seqs(&b.batch(10, None)), vec![3]);
     }
 
     #[test]

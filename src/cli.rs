@@ -77,6 +77,7 @@ fn run(args: &[String], env: &[(String, String)]) -> Result<i32> {
                 .map_err(|e| Error::Usage(e.to_string()))?;
             Ok(print_out(&format!("{text}\n")))
         }
+        Action::Health => Ok(crate::healthcheck::run(&config)),
         Action::Once => {
             let sample = once(&config)?;
             let text =

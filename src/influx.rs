@@ -124,7 +124,7 @@ mod tests {
         s.memory_total_kb = Some(5);
         assert_eq!(
             line(&s),
-            "guest seq=1i,window_ms=0i,memory_total_kb=5i,dropped_samples=0i 0\n"
+            "guest seq=1i,window_ms=0i,memory_total_kb=5i,dropped_samples=0i,restore_count=0i 0\n"
         );
     }
 }

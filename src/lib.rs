@@ -26,24 +26,30 @@ pub mod cli;
 pub mod collect;
 pub mod config;
 pub mod error;
+pub mod ingest;
 pub mod sample;
 
 mod backoff;
 mod buffer;
 mod cpu;
 mod encode;
+mod guest_ip;
+mod healthcheck;
 mod influx;
 mod listener;
 mod logging;
 mod push;
+mod restore;
 mod route;
 mod status;
 mod stop;
+mod vsock;
 
 pub use agent::Running;
 pub use collect::{AGENT_VERSION, Collector};
 pub use config::Config;
 pub use error::{Error, Result};
+pub use guest_ip::{GuestIpReport, GuestIpState};
 pub use sample::Sample;
 pub use status::{Health, HealthState, PushState};
 

@@ -1,6 +1,13 @@
-//! The local HTTP listener (GUIDE §5): `GET`/`HEAD /health` and `/metrics`,
-//! for an operator's `curl localhost:8080/health` and for the old pull
-//! agent's `/metrics` contract.
+//! The local HTTP listener (docs/design.md#the-listener): `GET`/`HEAD
+//! /health` and `/metrics`, for an operator's `curl localhost:8080/health`
+//! and for the `/metrics` object of the pull-model agent this one replaces.
+//!
+//! A manager that pulls (docs/manager.md) parses `/metrics` into a struct
+//! whose [`PULL_REQUIRED`] figures may not be null: a sample missing one of
+//! them is answered 503 (as before the first sample) rather than with a body
+//! that manager would fail to parse. The old agent's `/configure-interface`
+//! (root network changes for any unauthenticated caller) is answered 501
+//! with the reason.
 //!
 //! It runs beside collection and pushing and must never slow them, nor let a
 //! client grow the agent's memory: everything a client controls is bounded
@@ -75,6 +82,20 @@ const THREAD_STACK: usize = 256 * 1024;
 
 /// How long `stop` waits to connect to its own listener to wake `accept`.
 const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The figures a pull-model manager requires in `/metrics` (docs/manager.md):
+/// its struct has them as plain `f64`/`u64`, so null fails its parse.
+pub const PULL_REQUIRED: &[&str] = &[
+    "cpu_usage_percent",
+    "memory_usage_percent",
+    "memory_used_kb",
+    "memory_total_kb",
+    "memory_available_kb",
+    "uptime_seconds",
+];
+
+/// Why `/configure-interface` is not served (docs/manager.md).
+const CONFIGURE_INTERFACE_REFUSED: &str = "not implemented: /configure-interface would run ip and udhcpc as root for any unauthenticated caller on the VM's network; bring extra interfaces up from the guest's own network configuration instead";
 
 /// A running listener.
 #[derive(Debug)]
@@ -306,12 +327,17 @@ pub enum Route {
     NotFound,
     /// A known path with a method other than GET or HEAD (405).
     MethodNotAllowed,
+    /// `/configure-interface`, any method: deliberately not served (501).
+    ConfigureInterface,
 }
 
 /// Routes a request by method and request target; the query string is
 /// ignored (`/health?x=1` is `/health`).
 pub fn route(method: &str, target: &str) -> Route {
     let path = target.split(['?', '#']).next().unwrap_or(target);
+    if path == "/configure-interface" {
+        return Route::ConfigureInterface;
+    }
     let known = matches!(path, "/health" | "/metrics");
     match (known, method) {
         (false, _) => Route::NotFound,
@@ -442,6 +468,7 @@ fn reason(status: u16) -> &'static str {
         405 => "Method Not Allowed",
         408 => "Request Timeout",
         431 => "Request Header Fields Too Large",
+        501 => "Not Implemented",
         503 => "Service Unavailable",
         _ => "Internal Server Error",
     }
@@ -494,12 +521,33 @@ pub fn render(route: Route, shared: &Shared) -> (u16, Vec<u8>) {
             }
         }
         Route::Metrics => match shared.latest() {
-            Some(sample) => json_body(&*sample),
+            Some(sample) => match missing_pull_figures(&sample) {
+                missing if missing.is_empty() => json_body(&*sample),
+                missing => (
+                    503,
+                    error_body(&format!(
+                        "the latest sample lacks {}: see /health collector_errors",
+                        missing.join(", ")
+                    )),
+                ),
+            },
             None => (503, error_body("no sample collected yet")),
         },
+        Route::ConfigureInterface => (501, error_body(CONFIGURE_INTERFACE_REFUSED)),
         Route::NotFound => (404, error_body("not found; try /health or /metrics")),
         Route::MethodNotAllowed => (405, error_body("method not allowed; use GET or HEAD")),
     }
+}
+
+/// The [`PULL_REQUIRED`] figures that are null in `sample`.
+fn missing_pull_figures(sample: &crate::Sample) -> Vec<&'static str> {
+    let mut missing = Vec::new();
+    sample.visit(|name, value| {
+        if value == crate::sample::Value::Null && PULL_REQUIRED.contains(&name) {
+            missing.push(name);
+        }
+    });
+    missing
 }
 
 /// How waiting for input ended without data.
@@ -743,6 +791,21 @@ mod tests {
         assert_eq!(route("POST", "/nope"), Route::NotFound);
         assert_eq!(route("GET", "/h\u{e9}alth"), Route::NotFound);
         assert_eq!(route("OPTIONS", "*"), Route::NotFound);
+        assert_eq!(
+            route("POST", "/configure-interface"),
+            Route::ConfigureInterface
+        );
+        assert_eq!(
+            route("GET", "/configure-interface?x"),
+            Route::ConfigureInterface
+        );
+    }
+
+    #[test]
+    fn pull_figures_are_named_in_the_sample() {
+        for f in PULL_REQUIRED {
+            assert!(crate::sample::FIELDS.contains(f), "{f}");
+        }
     }
 
     #[test]

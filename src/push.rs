@@ -43,6 +43,9 @@ pub enum Outcome {
     Delivered,
     /// 400, 413 or 422: the payload is refused.
     Refused(u16),
+    /// 404: the manager has no ingest route (yet): keep the batch and try
+    /// again at the backoff ceiling (docs/manager.md).
+    NoIngestRoute(String),
     /// Anything else: keep the batch and try again later.
     Retry {
         /// What went wrong, with the URL.
@@ -71,26 +74,16 @@ pub struct Sender {
     resolve_again: bool,
     reported_no_route: bool,
     last_summary: Instant,
+    /// The restore generation last acted on (crate::restore).
+    restores: u64,
 }
 
 impl Sender {
     /// A sender for `config`'s URL; `None` when pushing is off.
     pub fn new(config: &Config, shared: Arc<Shared>, seed: &str) -> Option<Sender> {
         let template = config.url.clone()?;
-        let agent_config = ureq::Agent::config_builder()
-            .timeout_global(Some(config.timeout))
-            .http_status_as_error(false)
-            // Samples go to the manager and nowhere else: no proxy from the
-            // environment, no redirects.
-            .proxy(None)
-            .max_redirects(0)
-            .user_agent(format!("guest-agent/{}", crate::AGENT_VERSION))
-            .build();
-        let agent = ureq::Agent::with_parts(
-            agent_config,
-            DefaultConnector::new(),
-            LiteralResolver::default(),
-        );
+        let agent = agent_for(&template, config.timeout);
+        let restores = shared.restores();
         Some(Sender {
             shared,
             agent,
@@ -107,6 +100,7 @@ impl Sender {
             resolve_again: true,
             reported_no_route: false,
             last_summary: Instant::now(),
+            restores,
         })
     }
 
@@ -120,6 +114,7 @@ impl Sender {
             if stop.is_set() || batch.is_empty() {
                 break;
             }
+            self.after_restore();
             let delay = match self.refresh_target(true) {
                 None => {
                     drop(batch);
@@ -137,6 +132,21 @@ impl Sender {
             }
         }
         self.flush(stop.deadline_after(self.timeout));
+    }
+
+    /// After a snapshot restore (docs/snapshots.md) the kept-alive
+    /// connections belong to the parent and the network may differ: the
+    /// pool goes with the old client, and the route is looked up again.
+    fn after_restore(&mut self) {
+        let restores = self.shared.restores();
+        if restores == self.restores {
+            return;
+        }
+        self.restores = restores;
+        self.agent = agent_for(&self.template, self.timeout);
+        self.resolve_again = true;
+        self.backoff.reset();
+        log::info!("restored from a snapshot: new connections, route looked up again");
     }
 
     /// The push target, looked up again after a connection failure. The
@@ -197,7 +207,7 @@ impl Sender {
         encode::encode(batch, self.format, &mut self.body);
         let mut req = self
             .agent
-            .post(url)
+            .post(&*crate::vsock::request_url(url))
             .header("Content-Type", encode::content_type(self.format));
         if let Some(auth) = &self.authorization {
             req = req.header("Authorization", auth);
@@ -232,6 +242,9 @@ impl Sender {
                 match status {
                     200..=299 => Outcome::Delivered,
                     400 | 413 | 422 => Outcome::Refused(status),
+                    404 => Outcome::NoIngestRoute(format!(
+                        "{url}: HTTP 404: this manager has no ingest route"
+                    )),
                     _ => Outcome::Retry {
                         error: format!("{url}: HTTP {status}"),
                         retry_after,
@@ -283,6 +296,18 @@ impl Sender {
                 self.shared.status().refused(n as u64, msg);
                 self.backoff.reset();
                 None
+            }
+            Outcome::NoIngestRoute(error) => {
+                drop(batch);
+                let buffered = self.shared.buffer.len();
+                if self.shared.status().no_ingest_route(error.clone()) {
+                    log::warn!(
+                        "{error}; keeping the newest {} samples (now {buffered}) and asking again every {}s; a pull-model manager reads /metrics meanwhile",
+                        self.shared.buffer.capacity(),
+                        crate::backoff::BACKOFF_CAP.as_secs()
+                    );
+                }
+                Some(crate::backoff::BACKOFF_CAP)
             }
             Outcome::Retry {
                 error,
@@ -338,6 +363,37 @@ impl Sender {
             }
         }
     }
+}
+
+/// The HTTP client of pushes, with its own connection pool; MMDS requests
+/// use one too, so the binary holds one instance of the HTTP stack.
+pub(crate) fn http_agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::with_parts(
+        agent_config(timeout),
+        DefaultConnector::new(),
+        LiteralResolver::default(),
+    )
+}
+
+/// The client for a push target: HTTP over TCP, or over an AF_VSOCK
+/// connector for a `vsock://` URL (docs/vsock.md), with the same settings.
+fn agent_for(template: &UrlTemplate, timeout: Duration) -> ureq::Agent {
+    match crate::vsock::VsockUrl::parse(template.as_str()) {
+        Ok(vsock) => crate::vsock::agent(agent_config(timeout), &vsock),
+        Err(_) => http_agent(timeout),
+    }
+}
+
+fn agent_config(timeout: Duration) -> ureq::config::Config {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        // Samples go to the manager and nowhere else: no proxy from the
+        // environment, no redirects.
+        .proxy(None)
+        .max_redirects(0)
+        .user_agent(format!("guest-agent/{}", crate::AGENT_VERSION))
+        .build()
 }
 
 /// Resolves an address-literal host (the gateway's address, the usual

@@ -28,7 +28,8 @@ const RTF_UP: u16 = 0x1;
 const RTF_GATEWAY: u16 = 0x2;
 
 /// What a URL that is not accepted gets told.
-const EXPECTED_URL: &str = "off, or http://HOST[:PORT]/PATH where HOST may be {gateway}";
+const EXPECTED_URL: &str =
+    "off, or http://HOST[:PORT]/PATH where HOST may be {gateway}, or vsock://CID:PORT/PATH";
 
 /// A push URL as configured: plain `http://host[:port]/path`, where host may
 /// be `{gateway}`. TLS is not built in (docs/design.md#budgets: it would
@@ -52,6 +53,13 @@ pub struct Target {
 impl UrlTemplate {
     /// Checks the URL's shape; `off` is handled by the caller.
     pub fn parse(raw: &str) -> std::result::Result<UrlTemplate, String> {
+        // vsock: a shape of its own, no gateway (docs/vsock.md).
+        if crate::vsock::is_vsock(raw) {
+            crate::vsock::VsockUrl::parse(raw)?;
+            return Ok(UrlTemplate {
+                raw: raw.to_string(),
+            });
+        }
         parse_target(&raw.replace(GATEWAY, GATEWAY_STAND_IN))?;
         Ok(UrlTemplate {
             raw: raw.to_string(),
@@ -71,6 +79,14 @@ impl UrlTemplate {
     /// The target with `{gateway}` filled in; `None` when it needs a gateway
     /// and there is none.
     pub fn resolve(&self, gateway: Option<Ipv4Addr>) -> Option<Target> {
+        // vsock: the connector knows the peer; no host or port (docs/vsock.md).
+        if crate::vsock::is_vsock(&self.raw) {
+            return Some(Target {
+                url: self.raw.clone(),
+                host: String::new(),
+                port: 0,
+            });
+        }
         let url = if self.needs_gateway() {
             self.raw.replace(GATEWAY, &gateway?.to_string())
         } else {
@@ -133,6 +149,10 @@ fn parse_target(url: &str) -> std::result::Result<Target, String> {
 /// `lookups`' one thread. `None` when there is no route, the name does not
 /// resolve in time, or the lookup thread is still busy with an earlier name.
 pub fn guest_ip(target: &Target, lookups: &Lookups, timeout: Duration) -> Option<IpAddr> {
+    // vsock: no IP address toward the host (docs/vsock.md).
+    if crate::vsock::is_vsock(&target.url) {
+        return None;
+    }
     let addr = match target.literal() {
         Some(a) => a,
         None => match lookups.resolve(&target.host, target.port, timeout) {

@@ -158,15 +158,31 @@ schema! {
     pressure_io_some_avg10: Option<f64>,
     /// Samples this process dropped because the buffer was full.
     dropped_samples: u64,
+    /// The `run_id` this run replaced when the VM was restored from a
+    /// snapshot; null for a run that began with the process
+    /// (docs/snapshots.md#the-sample-fields).
+    #[serde(default)]
+    restored_from_run_id: Option<String>,
+    /// Snapshot restores this process has gone through; 0 for a fresh start.
+    #[serde(default)]
+    restore_count: u64,
 }
+
+/// Fields added to schema 1 after its first agents shipped: a sample
+/// without them is still a whole schema 1 sample, read as null and 0
+/// (docs/snapshots.md#the-sample-fields).
+const ADDED_LATER: [&str; 2] = ["restored_from_run_id", "restore_count"];
 
 impl Sample {
     /// Parses one sample from a JSON value, requiring every field of the
-    /// schema to be present (null allowed only where the type is nullable)
-    /// and `schema` to be [`SCHEMA`].
+    /// schema to be present, but for those added later (null allowed only
+    /// where the type is nullable), and `schema` to be [`SCHEMA`].
     pub fn from_json_strict(v: &serde_json::Value) -> Result<Sample, String> {
         let obj = v.as_object().ok_or("sample is not a JSON object")?;
-        if let Some(missing) = FIELDS.iter().find(|f| !obj.contains_key(**f)) {
+        if let Some(missing) = FIELDS
+            .iter()
+            .find(|f| !obj.contains_key(**f) && !ADDED_LATER.contains(f))
+        {
             return Err(format!("field {missing:?} is missing"));
         }
         let s: Sample = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;

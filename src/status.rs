@@ -7,6 +7,7 @@
 //! decided in one place.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,10 @@ pub enum PushState {
     /// samples were dropped. Stays until a batch is accepted again, so a
     /// receiver that refuses everything never looks healthy.
     Rejecting,
+    /// The manager answered 404: it has no ingest route (yet). Samples stay
+    /// buffered and the route is tried again at the backoff ceiling
+    /// (docs/manager.md).
+    NoIngestRoute,
 }
 
 /// Whether the agent is collecting on schedule.
@@ -96,6 +101,16 @@ impl Status {
         }
     }
 
+    /// The manager has no ingest route (HTTP 404); the batch is kept.
+    /// Returns true when this starts the state, so that it is logged once.
+    pub fn no_ingest_route(&mut self, error: String) -> bool {
+        self.consecutive_failures += 1;
+        let first = self.push_state != PushState::NoIngestRoute;
+        self.push_state = PushState::NoIngestRoute;
+        self.last_error = Some(error);
+        first
+    }
+
     /// There is no default route to fill `{gateway}` with yet.
     pub fn waiting_for_route(&mut self) {
         self.push_state = PushState::Waiting;
@@ -129,6 +144,11 @@ pub struct Shared {
     interval: Duration,
     config_errors: Vec<String>,
     status: Mutex<Status>,
+    /// The guest-address report to a pull-model manager (docs/manager.md).
+    pub guest_ip_report: crate::guest_ip::ReportState,
+    /// Snapshot restores detected (crate::restore): the sender compares it
+    /// with the last value it saw to drop its connections.
+    restores: AtomicU64,
 }
 
 impl Shared {
@@ -156,6 +176,8 @@ impl Shared {
                 guest_ip: None,
                 collector_errors: BTreeMap::new(),
             }),
+            guest_ip_report: crate::guest_ip::ReportState::new(config),
+            restores: AtomicU64::new(0),
         })
     }
 
@@ -186,6 +208,16 @@ impl Shared {
                 .map(|(k, v)| (k.to_string(), v.clone()))
                 .collect();
         }
+    }
+
+    /// Records a snapshot restore; returns the new restore generation.
+    pub fn note_restore(&self) -> u64 {
+        self.restores.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The restore generation: snapshot restores detected so far.
+    pub fn restores(&self) -> u64 {
+        self.restores.load(Ordering::SeqCst)
     }
 
     /// The latest sample, if one was collected.
@@ -232,6 +264,7 @@ impl Shared {
             rejected: st.rejected,
             config_errors: self.config_errors.clone(),
             collector_errors: st.collector_errors,
+            guest_ip_report: self.guest_ip_report.snapshot(),
         }
     }
 }
@@ -251,7 +284,7 @@ pub struct Health {
     pub last_seq: Option<u64>,
     /// The collection interval in milliseconds.
     pub interval_ms: u64,
-    /// `off`, `waiting`, `ok`, `failing` or `rejecting`.
+    /// `off`, `waiting`, `ok`, `failing`, `rejecting` or `no_ingest_route`.
     pub push_state: PushState,
     /// The resolved push URL in use.
     pub push_target: Option<String>,
@@ -279,4 +312,6 @@ pub struct Health {
     pub config_errors: Vec<String>,
     /// Sources failing at the last collection.
     pub collector_errors: BTreeMap<String, String>,
+    /// The guest-address report to a pull-model manager; null when off.
+    pub guest_ip_report: Option<crate::guest_ip::GuestIpReport>,
 }

@@ -1,4 +1,4 @@
-//! What a metrics backend sees (the backends issue): Influx line protocol
+//! What a metrics backend sees (docs/backends.md): Influx line protocol
 //! bodies and the bearer token, against receivers on 127.0.0.1, and the
 //! token kept out of every log line and of `--print-config`.
 

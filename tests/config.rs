@@ -1,6 +1,7 @@
-//! Configuration sources and precedence (GUIDE §4), through the library and
-//! through the built binary's `--print-config`. No test resolves this
-//! machine's real gateway: every proc root here is a fixture.
+//! Configuration sources and precedence (docs/design.md#configuration),
+//! through the library and through the built binary's `--print-config`. No
+//! test resolves this machine's real gateway: every proc root here is a
+//! fixture.
 
 use std::fs;
 use std::path::{Path, PathBuf};

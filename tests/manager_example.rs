@@ -198,7 +198,7 @@ fn stores_a_batch_once_and_prints_each_new_sample() {
     let mut client = Client::connect(m.addr);
 
     let r = client.post("/v1/guest-metrics", &[], &json(&samples));
-    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(r.status, 200, "{}", r.body);
     for seq in 1..=3 {
         let line = m.line();
         assert!(line.starts_with(&format!("vm-t seq={seq} cpu=")), "{line}");
@@ -216,13 +216,13 @@ fn stores_a_batch_once_and_prints_each_new_sample() {
     // The agent resends a batch after a timeout; the second copy, and an
     // overlapping one, store only what is new. Same connection: keep-alive.
     let r = client.post("/v1/guest-metrics", &[], &json(&samples));
-    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(r.status, 200, "{}", r.body);
     let mut more = samples.clone();
     let mut fourth = samples[2].clone();
     fourth.seq = 4;
     more.push(fourth);
     let r = client.post("/v1/guest-metrics", &[], &json(&more));
-    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(r.status, 200, "{}", r.body);
     assert!(m.line().starts_with("vm-t seq=4 "));
     let stored = ndjson_lines(&path);
     assert_eq!(stored.len(), 4, "only seq 4 is new");
@@ -234,7 +234,7 @@ fn stores_a_batch_once_and_prints_each_new_sample() {
         s.run_id = "00000000-0000-4000-8000-000000000001".into();
     }
     let r = client.post("/v1/guest-metrics", &[], &json(&other));
-    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(ndjson_lines(&path).len(), 7);
     let _ = std::fs::remove_file(&path);
 }
@@ -258,12 +258,10 @@ fn refuses_bodies_that_are_not_valid_batches() {
             "missing field",
             {
                 let mut v = serde_json::to_value(&samples).expect("encode");
-                v[1].as_object_mut()
-                    .expect("object")
-                    .remove("memory_total_kb");
+                v[1].as_object_mut().expect("object").remove("run_id");
                 serde_json::to_vec(&v).expect("encode")
             },
-            "sample 1: field \"memory_total_kb\" is missing",
+            "sample 1: missing field `run_id`",
         ),
         (
             "wrong schema",
@@ -272,13 +270,14 @@ fn refuses_bodies_that_are_not_valid_batches() {
                 v[0]["schema"] = 2.into();
                 serde_json::to_vec(&v).expect("encode")
             },
-            "sample 0: schema 2 is not 1",
+            "sample 0: schema 2; this manager understands schema 1",
         ),
     ];
     for (what, body, reason) in cases {
         let mut client = Client::connect(m.addr);
         let r = client.post("/v1/guest-metrics", &[], &body);
-        assert_eq!(r.status, 400, "{what}: {}", r.body);
+        let expected = if what == "wrong schema" { 422 } else { 400 };
+        assert_eq!(r.status, expected, "{what}: {}", r.body);
         assert!(
             r.body.contains(reason),
             "{what}: {:?} lacks {reason:?}",
@@ -294,7 +293,7 @@ fn refuses_bodies_that_are_not_valid_batches() {
         client
             .post("/v1/guest-metrics", &[], &json(&samples))
             .status,
-        204
+        200
     );
     assert_eq!(ndjson_lines(&path).len(), 3);
     let _ = std::fs::remove_file(&path);
@@ -336,7 +335,7 @@ fn answers_other_paths_methods_and_sizes() {
         &[("Connection", "close")],
         &json(&batch()),
     );
-    assert_eq!(r.status, 204);
+    assert_eq!(r.status, 200);
     assert_eq!(r.header("Connection"), Some("close"));
     assert!(c.closed_by_server());
 }
@@ -362,8 +361,8 @@ fn two_pipelined_requests_on_one_connection() {
     );
     raw.extend_from_slice(&body2);
     let mut c = Client::connect(m.addr);
-    assert_eq!(c.send(&raw).status, 204);
-    assert_eq!(c.read_response().status, 204);
+    assert_eq!(c.send(&raw).status, 200);
+    assert_eq!(c.read_response().status, 200);
     let printed: Vec<String> = (0..3).map(|_| m.line()).collect();
     assert!(printed[2].starts_with("vm-t seq=3 "), "{printed:?}");
 }
@@ -392,13 +391,13 @@ fn token_is_required_when_set() {
         &[("Authorization", "Bearer s3cr3t")],
         &body,
     );
-    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(r.status, 200, "{}", r.body);
 }
 
 /// The agent's own HTTP client (ureq, as the push loop uses it) against the
 /// manager: status codes arrive as the sender will see them.
 #[test]
-fn ureq_client_sees_204_and_400() {
+fn ureq_client_sees_200_and_400() {
     let m = Manager::start(&["--token", "t0k"]);
     let url = format!("http://{}/v1/guest-metrics", m.addr);
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -416,10 +415,10 @@ fn ureq_client_sees_204_and_400() {
             .status()
             .as_u16()
     };
-    assert_eq!(post(json(&batch())), 204);
+    assert_eq!(post(json(&batch())), 200);
     assert_eq!(post(b"[1]".to_vec()), 400);
     // Once more over the (pooled) connection.
-    assert_eq!(post(json(&batch())), 204);
+    assert_eq!(post(json(&batch())), 200);
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! The OpenRC service files against the agent: every setting is in conf.d
-//! and exported by the init script, and `start_pre` hands conf.d values to
-//! the real binary (run with `--url off`: no network).
+//! and exported by the init script, `start_pre` hands conf.d values to the
+//! real binary (run with `--url off`: no network), and `healthcheck` asks
+//! the real binary's `--health` and stops a stand-in agent when it fails.
+//! `tests/openrc_vm.rs` runs the same files under a real OpenRC.
 //!
 //! The init script is sourced by `sh` with OpenRC's output helpers (`eerror`,
 //! `ewarn`) defined as plain `echo`s; everything else it runs is real.
@@ -121,32 +123,127 @@ fn start_pre_refuses_a_usage_error() {
     assert!(stderr.contains("--interval"), "{stderr}");
 }
 
+/// Sources the init script with `confd` and runs `healthcheck`, with
+/// OpenRC's `service_get_value` answering `child_pid` with `pid`. Returns
+/// the exit status and what the check wrote to its log.
+fn healthcheck(confd: &str, pid: u32) -> (bool, String) {
+    let dir = std::env::temp_dir().join(format!("ga-openrc-hc-{}-{pid}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("guest-agent.log");
+    let script = format!(
+        "service_get_value() {{ [ \"$1\" = child_pid ] && echo {pid}; }}
+{confd}
+command={bin:?}
+error_log={log:?}
+. ./{INIT}
+healthcheck",
+        bin = env!("CARGO_BIN_EXE_guest-agent"),
+        log = log.display().to_string(),
+    );
+    let out = Command::new("sh")
+        .args(["-c", &script])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run sh");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    (out.status.success(), text)
+}
+
+/// Where nothing listens: port 1 (tcpmux) is privileged and unused, and,
+/// unlike a port bound and released, no parallel test can be given it.
+const NOBODY: &str = "127.0.0.1:1";
+
+/// A process standing in for the agent: `sh` running a loop.
+fn stand_in(ignore_term: bool) -> std::process::Child {
+    let body = if ignore_term {
+        "trap '' TERM; while :; do sleep 0.1; done"
+    } else {
+        "while :; do sleep 0.1; done"
+    };
+    Command::new("sh")
+        .args(["-c", body])
+        .spawn()
+        .expect("spawn sh")
+}
+
 #[test]
-fn health_url_follows_the_listen_setting() {
-    let cases = [
-        ("", "http://127.0.0.1:8080/health"),
-        (
-            "GUEST_AGENT_LISTEN=0.0.0.0:9000",
-            "http://127.0.0.1:9000/health",
-        ),
-        ("GUEST_AGENT_LISTEN='[::]:81'", "http://[::1]:81/health"),
-        (
-            "GUEST_AGENT_LISTEN=127.0.0.2:8080",
-            "http://127.0.0.2:8080/health",
-        ),
-        (
-            "healthcheck_url=http://127.0.0.1:1/health",
-            "http://127.0.0.1:1/health",
-        ),
-        ("GUEST_AGENT_LISTEN=off", "none"),
-    ];
-    for (confd, want) in cases {
-        let script = format!("{confd}\n. ./{INIT}\n_health_url || echo none");
-        let out = Command::new("sh")
-            .args(["-c", &script])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .expect("run sh");
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), want, "{confd}");
-    }
+fn a_healthy_agent_is_left_alone() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && conn.read(&mut b).unwrap() == 1 {
+            head.push(b[0]);
+        }
+        conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{\"status\":\"ok\"}")
+            .unwrap();
+    });
+    let mut agent = stand_in(false);
+    // The listener comes from conf.d, exported to `--health` as to the agent.
+    let (ok, log) = healthcheck(
+        &format!("GUEST_AGENT_LISTEN={addr}\nGUEST_AGENT_URL=off"),
+        agent.id(),
+    );
+    server.join().unwrap();
+    assert!(ok);
+    assert_eq!(log, "", "nothing to note");
+    assert!(agent.try_wait().unwrap().is_none(), "the agent still runs");
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+}
+
+#[test]
+fn a_failed_check_stops_the_agent_with_sigterm_and_notes_why() {
+    use std::os::unix::process::ExitStatusExt;
+    let addr = NOBODY;
+    let mut agent = stand_in(false);
+    let (ok, log) = healthcheck(
+        &format!("GUEST_AGENT_LISTEN={addr}\nGUEST_AGENT_URL=off"),
+        agent.id(),
+    );
+    // Success for supervise-daemon: the agent is already gone, and its
+    // ordinary respawn follows (see the comment in the init script).
+    assert!(ok);
+    let status = agent.wait().unwrap();
+    assert_eq!(status.signal(), Some(15), "SIGTERM first: {status:?}");
+    assert!(
+        log.contains(&format!(
+            "WARN  openrc: health check failed (unhealthy: http://{addr}/health: cannot connect"
+        )),
+        "{log}"
+    );
+}
+
+#[test]
+fn an_agent_that_ignores_sigterm_gets_sigkill_after_the_retry_wait() {
+    use std::os::unix::process::ExitStatusExt;
+    let addr = NOBODY;
+    let mut agent = stand_in(true);
+    // Let the stand-in install its trap before the check runs.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (ok, log) = healthcheck(
+        &format!("GUEST_AGENT_LISTEN={addr}\nGUEST_AGENT_URL=off\nretry=TERM/1/KILL/5"),
+        agent.id(),
+    );
+    assert!(ok);
+    let status = agent.wait().unwrap();
+    assert_eq!(status.signal(), Some(9), "{status:?}");
+    assert!(log.contains("ignored SIGTERM; sending SIGKILL"), "{log}");
+}
+
+#[test]
+fn no_listener_means_nothing_to_check() {
+    let mut agent = stand_in(false);
+    let (ok, log) = healthcheck("GUEST_AGENT_LISTEN=off\nGUEST_AGENT_URL=off", agent.id());
+    assert!(ok);
+    assert_eq!(log, "");
+    assert!(agent.try_wait().unwrap().is_none());
+    agent.kill().unwrap();
+    agent.wait().unwrap();
 }

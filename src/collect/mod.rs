@@ -60,6 +60,8 @@ pub struct Collector {
     boot_id: Option<String>,
     run_id: String,
     vm_id: Option<String>,
+    restored_from_run_id: Option<String>,
+    restore_count: u64,
     prev_cpu: Option<(Instant, CpuSnapshot)>,
     last_pct: CpuPercent,
     failing: BTreeMap<&'static str, String>,
@@ -96,6 +98,8 @@ impl Collector {
             boot_id,
             run_id,
             vm_id,
+            restored_from_run_id: None,
+            restore_count: 0,
             prev_cpu: None,
             last_pct: CpuPercent::default(),
             failing: BTreeMap::new(),
@@ -106,6 +110,33 @@ impl Collector {
     /// The run id every sample of this collector carries.
     pub fn run_id(&self) -> &str {
         &self.run_id
+    }
+
+    /// Starts a new run after a snapshot restore (docs/snapshots.md): a
+    /// fresh `run_id`, read now that the kernel has reseeded its random pool,
+    /// the restore marker, and `vm_id` when one is given. Returns the
+    /// previous run id; on failure nothing changes.
+    pub fn restart_run(&mut self, vm_id: Option<String>) -> Result<String> {
+        let run_id =
+            ProcFile::new(&self.root, "sys/kernel/random/uuid").parse(identity::parse_line)?;
+        let previous = std::mem::replace(&mut self.run_id, run_id);
+        self.restored_from_run_id = Some(previous.clone());
+        self.restore_count += 1;
+        if vm_id.is_some() {
+            self.vm_id = vm_id;
+        }
+        Ok(previous)
+    }
+
+    /// Gives a sample collected before [`Collector::restart_run`] the
+    /// current run's identity.
+    pub fn relabel(&self, sample: &mut Sample) {
+        sample.run_id.clone_from(&self.run_id);
+        sample.vm_id.clone_from(&self.vm_id);
+        sample
+            .restored_from_run_id
+            .clone_from(&self.restored_from_run_id);
+        sample.restore_count = self.restore_count;
     }
 
     /// Sources failing at the last collection, with their errors.
@@ -212,6 +243,8 @@ impl Collector {
             pressure_memory_some_avg10: psi[1],
             pressure_io_some_avg10: psi[2],
             dropped_samples: 0,
+            restored_from_run_id: self.restored_from_run_id.clone(),
+            restore_count: self.restore_count,
         }
     }
 

@@ -15,6 +15,8 @@ pub enum Action {
     Once,
     /// Print the resolved configuration and exit.
     PrintConfig,
+    /// Ask the running agent's listener for `/health`; exit 0 when healthy.
+    Health,
     /// Print the help text and exit.
     Help,
     /// Print the version and exit.
@@ -50,6 +52,7 @@ pub fn parse(args: &[String]) -> Result<Args> {
         let action = match flag {
             "--once" => Some(Action::Once),
             "--print-config" => Some(Action::PrintConfig),
+            "--health" => Some(Action::Health),
             "-h" | "--help" => Some(Action::Help),
             "-V" | "--version" => Some(Action::Version),
             _ => None,
@@ -94,6 +97,7 @@ pub fn help() -> String {
          Usage: guest-agent [OPTIONS]\n\nActions:\n\
          \x20     --once               print one sample as JSON and exit (no network)\n\
          \x20     --print-config       print every setting with its value and source, and exit\n\
+         \x20     --health             ask the running agent's /health; exit 0 when healthy, 1 if not\n\
          \x20 -h, --help               print this help\n\
          \x20 -V, --version            print the version\n\nSettings (CLI > environment > kernel cmdline guest_agent.* > config file > default):\n",
         crate::AGENT_VERSION

@@ -27,7 +27,15 @@ pub struct FileValues {
     pub errors: Vec<String>,
     /// Keys that are not settings.
     pub warnings: Vec<String>,
+    /// What `MANAGER_URL` implies besides the push URL: the pull-model
+    /// manager's listener and guest-address report (docs/manager.md). Offered
+    /// before [`FileValues::entries`], so a key written in the file wins.
+    pub implied: Vec<(String, &'static str, String)>,
 }
+
+/// The listener address `MANAGER_URL` implies: where the pull-model
+/// manager fetches `/metrics` (docs/manager.md).
+pub const MANAGER_LISTEN: &str = "0.0.0.0:9000";
 
 /// Reads the file. A missing file gives no entries and no error (the normal
 /// case); an unreadable or oversized one is an error naming it.
@@ -72,8 +80,13 @@ pub fn parse(text: &str, path: &Path) -> FileValues {
         };
         match name {
             Some("url") if key == "MANAGER_URL" => {
-                let url = format!("{}{INGEST_PATH}", value.trim_end_matches('/'));
-                out.entries.push((key.to_string(), "url", url));
+                let base = value.trim_end_matches('/');
+                out.entries
+                    .push((key.to_string(), "url", format!("{base}{INGEST_PATH}")));
+                out.implied = vec![
+                    (key.to_string(), "listen", MANAGER_LISTEN.to_string()),
+                    (key.to_string(), "manager_url", base.to_string()),
+                ];
             }
             Some(name) => out.entries.push((key.to_string(), name, value.to_string())),
             None => out
@@ -117,6 +130,26 @@ mod tests {
         assert!(v.warnings[0].contains("/etc/guest-agent.conf:6"));
         assert_eq!(v.errors.len(), 1);
         assert!(v.errors[0].contains(":7"));
+    }
+
+    #[test]
+    fn manager_url_implies_the_pull_listener_and_the_address_report() {
+        let v = parse(
+            "VM_ID=v\nMANAGER_URL=http://10.0.0.1:18080/\n",
+            Path::new("f"),
+        );
+        assert_eq!(
+            v.implied,
+            vec![
+                ("MANAGER_URL".into(), "listen", MANAGER_LISTEN.into()),
+                (
+                    "MANAGER_URL".into(),
+                    "manager_url",
+                    "http://10.0.0.1:18080".into()
+                ),
+            ]
+        );
+        assert!(parse("VM_ID=v\n", Path::new("f")).implied.is_empty());
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Configuration (docs/design.md#configuration): each source is collected as written, then the
-//! sources are merged by precedence (CLI > environment > kernel cmdline >
-//! file > default) and validated once into a typed [`Config`].
+//! sources are merged by precedence (CLI > environment > MMDS > kernel
+//! cmdline > file > default) and validated once into a typed [`Config`].
+//! MMDS is opt-in and ranks above the cmdline and the file because clones
+//! of one snapshot share those (docs/snapshots.md#mmds-identity-per-clone).
 //!
 //! A bad value on the CLI is a usage error (exit 2). A bad value from any
 //! other source is recorded in [`Config::errors`] (logged, and shown in
@@ -10,6 +12,7 @@
 pub mod cli;
 pub mod cmdline;
 pub mod file;
+pub mod mmds;
 pub mod settings;
 
 use std::fmt;
@@ -28,6 +31,8 @@ pub enum Source {
     Cli,
     /// A `GUEST_AGENT_*` environment variable.
     Env,
+    /// Firecracker's metadata service, opted into with `mmds`.
+    Mmds,
     /// A `guest_agent.*` kernel parameter.
     Cmdline,
     /// The configuration file.
@@ -42,6 +47,7 @@ impl Source {
         match self {
             Source::Cli => "cli",
             Source::Env => "env",
+            Source::Mmds => "mmds",
             Source::Cmdline => "cmdline",
             Source::File => "file",
             Source::Default => "default",
@@ -107,6 +113,13 @@ pub struct Config {
     pub format: Format,
     /// Bearer token for pushes, from `token` or `token_file`.
     pub token: Option<Secret>,
+    /// Where the guest's address is reported, for a manager that pulls
+    /// (docs/manager.md); `None` when off.
+    pub manager_url: Option<UrlTemplate>,
+    /// The MMDS address, when MMDS is a source.
+    pub mmds: Option<SocketAddr>,
+    /// The kernel log watched for snapshot restores; `None` when off.
+    pub kmsg: Option<PathBuf>,
     /// Every setting's final value and source, in table order.
     pub origins: Vec<Origin>,
     /// Bad values from the environment, cmdline or file (each was skipped).
@@ -175,13 +188,30 @@ pub fn resolve(
     let path = config_path.unwrap_or(Path::new(file::DEFAULT_PATH));
     match file::read(path) {
         Ok(f) => {
-            for (key, name, value) in f.entries {
+            for (key, name, value) in f.implied.into_iter().chain(f.entries) {
                 offers.push((name, offer(Source::File, key, &value)));
             }
             errors.extend(f.errors);
             warnings.extend(f.warnings);
         }
         Err(e) => errors.push(e),
+    }
+
+    // MMDS is asked only when a source above opted into it.
+    let mmds_addr = settings::setting("mmds")
+        .and_then(|s| first_valid(s, &offers).0)
+        .and_then(|(v, _)| mmds::parse_setting(&v).ok().flatten());
+    if let Some(addr) = mmds_addr {
+        match mmds::fetch(addr) {
+            Ok(doc) => {
+                for (name, value) in doc.entries {
+                    let key = format!("{}.{name}", mmds::KEY);
+                    offers.push((name, offer(Source::Mmds, key, &value)));
+                }
+                warnings.extend(doc.warnings);
+            }
+            Err(e) => errors.push(format!("{e}; going on without MMDS settings")),
+        }
     }
 
     let mut origins = Vec::new();
@@ -223,7 +253,13 @@ type Choice = (Option<(String, Source)>, Vec<(Source, String)>);
 /// every rejected offer above it.
 fn first_valid(s: &'static Setting, offers: &[(&'static str, Offer)]) -> Choice {
     let mut rejected = Vec::new();
-    for src in [Source::Cli, Source::Env, Source::Cmdline, Source::File] {
+    for src in [
+        Source::Cli,
+        Source::Env,
+        Source::Mmds,
+        Source::Cmdline,
+        Source::File,
+    ] {
         let Some((_, o)) = offers
             .iter()
             .rev()
@@ -295,6 +331,12 @@ fn build(origins: Vec<Origin>, errors: Vec<String>, warnings: Vec<String>) -> Re
             Format::Json
         },
         token,
+        manager_url: match get("manager_url") {
+            None | Some("off") => None,
+            Some(u) => Some(UrlTemplate::parse(u).map_err(|e| internal("manager_url", e))?),
+        },
+        mmds: mmds::parse_setting(get("mmds").unwrap_or("off")).map_err(|e| internal("mmds", e))?,
+        kmsg: get("kmsg").filter(|k| *k != "off").map(PathBuf::from),
         origins: origins.clone(),
         errors,
         warnings,

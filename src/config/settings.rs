@@ -173,6 +173,34 @@ pub const SETTINGS: &[Setting] = &[
         help: "a file (mode 0600) whose content is the token; beats token from a lower source",
         check: check_path,
     },
+    // The pull-model manager's side of the drop-in mode (docs/manager.md).
+    Setting {
+        name: "manager_url",
+        value_name: "URL|off",
+        default: None,
+        on_cmdline: true,
+        secret: false,
+        help: "manager base URL told the guest's address (POST URL/v1/vms/VM_ID/guest-ip); MANAGER_URL in the config file sets it",
+        check: check_url,
+    },
+    Setting {
+        name: "mmds",
+        value_name: "off|on|ADDR[:PORT]",
+        default: Some("off"),
+        on_cmdline: true,
+        secret: false,
+        help: "read settings from Firecracker's MMDS (on: 169.254.169.254) at start and after a snapshot restore",
+        check: check_mmds,
+    },
+    Setting {
+        name: "kmsg",
+        value_name: "PATH|off",
+        default: Some(crate::restore::KMSG),
+        on_cmdline: true,
+        secret: false,
+        help: "kernel log watched for snapshot restores (VMGenID); off disables the detection",
+        check: check_kmsg,
+    },
 ];
 
 /// The row of `name`.
@@ -285,6 +313,17 @@ fn check_token(v: &str) -> Result<(), String> {
     Ok(())
 }
 
+fn check_mmds(v: &str) -> Result<(), String> {
+    super::mmds::parse_setting(v).map(|_| ())
+}
+
+fn check_kmsg(v: &str) -> Result<(), String> {
+    if v.is_empty() {
+        return Err("a path such as /dev/kmsg, or off".into());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,6 +380,11 @@ mod tests {
             ("url", "127.0.0.1:9", false),
             ("url", "http://:9/x", false),
             ("url", "http://h:99999/", false),
+            ("mmds", "off", true),
+            ("mmds", "10.0.2.100:80", true),
+            ("mmds", "metadata", false),
+            ("kmsg", "off", true),
+            ("kmsg", "", false),
             ("proc_root", "/proc", true),
             ("proc_root", "/nonexistent/proc", false),
             ("proc_root", "/proc/self/stat", false),

@@ -76,7 +76,7 @@ fn locate() -> Result<Assets, String> {
     })
 }
 
-fn find_qemu() -> Result<PathBuf, String> {
+pub fn find_qemu() -> Result<PathBuf, String> {
     let qemu = std::env::var_os("GUEST_AGENT_VM_QEMU")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
@@ -95,7 +95,7 @@ fn find_qemu() -> Result<PathBuf, String> {
 }
 
 /// Runs a command, returning its stdout, or an error naming it.
-fn run(cmd: &mut Command) -> Result<String, String> {
+pub fn run(cmd: &mut Command) -> Result<String, String> {
     let out = cmd
         .output()
         .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
@@ -111,7 +111,7 @@ fn run(cmd: &mut Command) -> Result<String, String> {
 
 /// `apt-get download PKG` + `dpkg -x` into `cache/NAME`, unless already
 /// there; the extraction is renamed into place only when complete.
-fn fetch_deb(cache: &Path, package: &str, name: &str) -> Result<PathBuf, String> {
+pub fn fetch_deb(cache: &Path, package: &str, name: &str) -> Result<PathBuf, String> {
     let dest = cache.join(name);
     if dest.is_dir() {
         return Ok(dest);
@@ -164,7 +164,7 @@ fn fetch_kernel(cache: &Path) -> Result<PathBuf, String> {
     fetch_deb(cache, &package, &package)
 }
 
-fn kernel_files(root: &Path) -> Result<(PathBuf, PathBuf), String> {
+pub fn kernel_files(root: &Path) -> Result<(PathBuf, PathBuf), String> {
     let pick = |dir: &Path, pred: &dyn Fn(&str) -> bool| -> Option<PathBuf> {
         fs::read_dir(dir)
             .ok()?
@@ -199,7 +199,7 @@ fn is_static_elf(path: &Path) -> bool {
     })
 }
 
-fn find_busybox(cache: &Path) -> Result<PathBuf, String> {
+pub fn find_busybox(cache: &Path) -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("GUEST_AGENT_VM_BUSYBOX") {
         let p = PathBuf::from(p);
         return if is_static_elf(&p) {
@@ -221,7 +221,7 @@ fn find_busybox(cache: &Path) -> Result<PathBuf, String> {
         .ok_or_else(|| format!("no static busybox in {}", tree.display()))
 }
 
-fn find_agent() -> Result<PathBuf, String> {
+pub fn find_agent() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("GUEST_AGENT_MUSL_BIN") {
         let p = PathBuf::from(p);
         return if is_static_elf(&p) {

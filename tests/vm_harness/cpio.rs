@@ -12,6 +12,7 @@ pub struct Cpio {
 const S_IFDIR: u32 = 0o040000;
 const S_IFREG: u32 = 0o100000;
 const S_IFCHR: u32 = 0o020000;
+const S_IFLNK: u32 = 0o120000;
 
 impl Cpio {
     pub fn new() -> Cpio {
@@ -31,6 +32,12 @@ impl Cpio {
 
     pub fn char_dev(&mut self, path: &str, perm: u32, major: u32, minor: u32) {
         self.entry(path, S_IFCHR | perm, 1, (major, minor), &[]);
+    }
+
+    /// A symbolic link at `path` pointing to `target`.
+    #[allow(dead_code)] // used by the OpenRC image only
+    pub fn symlink(&mut self, path: &str, target: &str) {
+        self.entry(path, S_IFLNK | 0o777, 1, (0, 0), target.as_bytes());
     }
 
     pub fn finish(mut self) -> Vec<u8> {

@@ -83,7 +83,7 @@ fn build(assets: &Assets) -> Result<PathBuf, String> {
 
 /// The module's bytes, decompressed on the host where the package ships
 /// them compressed (`.ko.xz`, `.ko.zst`, `.ko.gz`).
-fn module_bytes(path: &Path) -> Result<Vec<u8>, String> {
+pub fn module_bytes(path: &Path) -> Result<Vec<u8>, String> {
     let name = path.to_string_lossy();
     let tool = if name.ends_with(".ko.xz") {
         "xz"
@@ -181,7 +181,7 @@ pub fn resolve_modules(
 }
 
 /// busybox udhcpc calls this with the lease in its environment.
-const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
+pub const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
 case "$1" in
 deconfig)
     ip -4 addr flush dev "$interface"

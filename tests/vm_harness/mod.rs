@@ -6,6 +6,8 @@ pub mod common;
 pub mod assets;
 pub mod cpio;
 pub mod initramfs;
+pub mod monitor;
+pub mod overlay;
 pub mod qemu;
 pub mod receiver;
 

@@ -47,6 +47,27 @@ pub struct Boot<'a> {
 
 impl Vm {
     pub fn start(assets: &Assets, initrd: &std::path::Path, boot: Boot<'_>) -> Vm {
+        Self::launch(assets, initrd, boot, true)
+    }
+
+    /// A VM with no network device at all (its other devices come from
+    /// `boot.qemu_args`, e.g. a vsock device).
+    #[allow(dead_code)] // not every test crate that includes the harness boots one
+    pub fn start_without_network(assets: &Assets, initrd: &std::path::Path, boot: Boot<'_>) -> Vm {
+        Self::launch(assets, initrd, boot, false)
+    }
+
+    fn launch(assets: &Assets, initrd: &std::path::Path, boot: Boot<'_>, network: bool) -> Vm {
+        let netdev: &[&str] = if network {
+            &[
+                "-netdev",
+                "user,id=n0",
+                "-device",
+                "virtio-net-device,netdev=n0",
+            ]
+        } else {
+            &[]
+        };
         let mut append = vec![
             "console=ttyS0".to_string(),
             "reboot=k".into(),
@@ -72,12 +93,7 @@ impl Vm {
             .arg("-initrd")
             .arg(initrd)
             .args(["-append", &append.join(" ")])
-            .args([
-                "-netdev",
-                "user,id=n0",
-                "-device",
-                "virtio-net-device,netdev=n0",
-            ])
+            .args(netdev)
             .args(&boot.qemu_args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -187,7 +203,7 @@ impl Drop for Vm {
 
 /// The host's TSC frequency, measured against the monotonic clock once.
 #[cfg(target_arch = "x86_64")]
-fn host_tsc_khz() -> u64 {
+pub fn host_tsc_khz() -> u64 {
     static KHZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *KHZ.get_or_init(|| {
         // SAFETY: rdtsc has no preconditions on x86_64.
@@ -204,7 +220,7 @@ fn host_tsc_khz() -> u64 {
 /// Other hosts have no TSC; the guest (always x86_64 here, under TCG)
 /// calibrates as it can, which is slower but works.
 #[cfg(not(target_arch = "x86_64"))]
-fn host_tsc_khz() -> u64 {
+pub fn host_tsc_khz() -> u64 {
     0
 }
 

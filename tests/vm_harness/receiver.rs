@@ -21,6 +21,9 @@ pub struct Post {
     pub headers: BTreeMap<String, String>,
     /// The body as a sample array, or why it is not one.
     pub samples: Result<Vec<Sample>, String>,
+    /// The status it was answered with (0: none).
+    #[allow(dead_code)] // read by the OpenRC test only
+    pub status: u16,
 }
 
 pub struct Receiver {
@@ -38,6 +41,18 @@ impl Receiver {
             inner,
             posts: Mutex::new(Vec::new()),
         }
+    }
+
+    /// From now on, answers every request with 503 and `Retry-After: 3600`
+    /// (`true`: a manager that is down and asks the agent not to retry for
+    /// an hour), or as before (`false`).
+    #[allow(dead_code)] // used by the OpenRC test only
+    pub fn refuse(&self, on: bool) {
+        self.inner.set_mode(if on {
+            Mode::Status(503, vec![("Retry-After".into(), "3600".into())])
+        } else {
+            Mode::Samples
+        });
     }
 
     pub fn port(&self) -> u16 {
@@ -60,6 +75,7 @@ impl Receiver {
                 path: r.path,
                 headers: r.headers.into_iter().collect(),
                 samples,
+                status: r.answered,
             });
         }
         posts.clone()

@@ -1,0 +1,352 @@
+//! Telling a pull-model manager where the guest is (docs/manager.md).
+//!
+//! A manager that pulls `/metrics` learns a VM's address only from
+//! `POST {manager_url}/v1/vms/{vm_id}/guest-ip` with `{"guest_ip": "a.b.c.d"}`;
+//! until then it skips the VM. The old guest agent sent that every 5 s until
+//! the first success, then every 30 s. This reporter keeps that schedule and
+//! also reports at once when the address changes (a new DHCP lease), which it
+//! checks every [`CHECK_EVERY`]: a connected UDP socket asks the routing table
+//! for the source address toward the manager, without sending a packet.
+//!
+//! It runs on its own thread; every network wait has a deadline (the
+//! request's `timeout`, and a bounded name lookup), so a manager that hangs
+//! delays only the next report, never collection or pushing.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::route::{self, Lookups, UrlTemplate};
+use crate::status::Shared;
+use crate::stop::Stop;
+
+/// Time between attempts until a report succeeds (the old agent's 5 s).
+pub const RETRY_EVERY: Duration = Duration::from_secs(5);
+/// Time between reports of an unchanged address once one succeeded (the old
+/// agent's 30 s): a manager that lost its database row learns it again.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(30);
+/// How often the guest's address is looked at; a change is reported at once.
+pub const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// Most bytes of a response read (and thrown away).
+const MAX_RESPONSE_BODY: u64 = 16 * 1024;
+
+/// The path under the manager's base URL, around the VM id.
+fn report_url(base: &str, vm_id: &str) -> String {
+    format!("{}/v1/vms/{vm_id}/guest-ip", base.trim_end_matches('/'))
+}
+
+/// Where the report stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestIpState {
+    /// Configured without a VM id: nothing can be reported.
+    Off,
+    /// No report sent yet (no route or address yet).
+    Waiting,
+    /// The last report was accepted.
+    Ok,
+    /// The last report failed; retried every [`RETRY_EVERY`].
+    Failing,
+}
+
+/// The report's state as `/health` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct GuestIpReport {
+    /// The report URL as configured (`{gateway}` unfilled).
+    pub url: String,
+    /// Where it stands.
+    pub state: GuestIpState,
+    /// The address the manager last accepted.
+    pub reported_ip: Option<String>,
+    /// Milliseconds since the manager last accepted a report.
+    pub last_report_age_ms: Option<u64>,
+    /// Reports accepted since start.
+    pub reports: u64,
+    /// Failed attempts since the last accepted one.
+    pub consecutive_failures: u64,
+    /// The most recent failure, kept after recovery for diagnosis.
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    report: GuestIpReport,
+    last_ok_at: Option<Instant>,
+}
+
+/// The report's state, shared with `/health`; empty when reporting is off.
+#[derive(Debug)]
+pub struct ReportState(Option<Mutex<Inner>>);
+
+impl ReportState {
+    /// The state for `config`: present when a manager URL is configured.
+    pub fn new(config: &Config) -> ReportState {
+        ReportState(config.manager_url.as_ref().map(|m| {
+            let (url, state, error) = match &config.vm_id {
+                Some(id) => (report_url(m.as_str(), id), GuestIpState::Waiting, None),
+                None => (
+                    report_url(m.as_str(), "{vm_id}"),
+                    GuestIpState::Off,
+                    Some("no vm_id configured (VM_ID in the config file)".to_string()),
+                ),
+            };
+            Mutex::new(Inner {
+                report: GuestIpReport {
+                    url,
+                    state,
+                    reported_ip: None,
+                    last_report_age_ms: None,
+                    reports: 0,
+                    consecutive_failures: 0,
+                    last_error: error,
+                },
+                last_ok_at: None,
+            })
+        }))
+    }
+
+    fn lock(&self) -> Option<MutexGuard<'_, Inner>> {
+        // Plain data, every update a few assignments: a poisoned lock is
+        // still consistent.
+        self.0
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// What `/health` shows.
+    pub fn snapshot(&self) -> Option<GuestIpReport> {
+        let inner = self.lock()?;
+        let mut r = inner.report.clone();
+        r.last_report_age_ms = inner.last_ok_at.map(|t| t.elapsed().as_millis() as u64);
+        Some(r)
+    }
+
+    fn accepted(&self, ip: &str) {
+        if let Some(mut inner) = self.lock() {
+            inner.report.state = GuestIpState::Ok;
+            inner.report.reported_ip = Some(ip.to_string());
+            inner.report.reports += 1;
+            inner.report.consecutive_failures = 0;
+            inner.last_ok_at = Some(Instant::now());
+        }
+    }
+
+    /// Records a failure; true when it ends a run of successes (or is the
+    /// first ever), so that it is logged once, not every 5 s.
+    fn failed(&self, error: String) -> bool {
+        let Some(mut inner) = self.lock() else {
+            return false;
+        };
+        let first = inner.report.consecutive_failures == 0;
+        inner.report.state = GuestIpState::Failing;
+        inner.report.consecutive_failures += 1;
+        inner.report.last_error = Some(error);
+        first
+    }
+}
+
+/// The reporter thread's state.
+pub struct Reporter {
+    shared: Arc<Shared>,
+    template: UrlTemplate,
+    vm_id: String,
+    proc_root: PathBuf,
+    timeout: Duration,
+    agent: ureq::Agent,
+    lookups: Lookups,
+    /// The manager's address, kept between attempts for the address check.
+    manager: Option<SocketAddr>,
+    /// The address seen at the last check.
+    current: Option<IpAddr>,
+    /// The address the manager last accepted.
+    reported: Option<IpAddr>,
+    next_attempt: Instant,
+    said_no_route: bool,
+}
+
+impl Reporter {
+    /// A reporter for `config`, when it names a manager URL and a VM id.
+    pub fn new(config: &Config, shared: Arc<Shared>) -> Option<Reporter> {
+        let template = config.manager_url.clone()?;
+        let Some(vm_id) = config.vm_id.clone() else {
+            log::warn!(
+                "manager_url {} is set but vm_id is not: the guest's address cannot be reported",
+                template.as_str()
+            );
+            return None;
+        };
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(config.timeout))
+            .http_status_as_error(false)
+            // Only the manager, only where it was configured.
+            .proxy(None)
+            .max_redirects(0)
+            .user_agent(format!("guest-agent/{}", crate::AGENT_VERSION))
+            .build()
+            .new_agent();
+        Some(Reporter {
+            shared,
+            template,
+            vm_id,
+            proc_root: config.proc_root.clone(),
+            timeout: config.timeout,
+            agent,
+            lookups: Lookups::default(),
+            manager: None,
+            current: None,
+            reported: None,
+            next_attempt: Instant::now(),
+            said_no_route: false,
+        })
+    }
+
+    /// Reports until `stop`.
+    pub fn run(mut self, stop: &Stop) {
+        loop {
+            let now = Instant::now();
+            self.check_address(now);
+            if now >= self.next_attempt {
+                self.attempt();
+            }
+            let wake = self.next_attempt.min(Instant::now() + CHECK_EVERY);
+            if stop.wait_until(wake) {
+                return;
+            }
+        }
+    }
+
+    /// Looks at the guest's address toward the manager; a new one is due
+    /// for a report at once.
+    fn check_address(&mut self, now: Instant) {
+        let Some(manager) = self.manager else {
+            return;
+        };
+        let ip = route::source_address(manager).ok();
+        if ip.is_some() && ip != self.current {
+            if let (Some(old), Some(new)) = (self.reported, ip) {
+                log::info!("guest address changed from {old} to {new}; telling the manager");
+            }
+            self.next_attempt = now;
+        }
+        self.current = ip;
+    }
+
+    /// One report: find the manager and the guest's address toward it, POST.
+    fn attempt(&mut self) {
+        let url = match self.resolve() {
+            Ok(url) => url,
+            Err(why) => {
+                if !self.said_no_route {
+                    log::warn!("guest address report: {why}; trying again");
+                    self.said_no_route = true;
+                }
+                self.shared.guest_ip_report.failed(why);
+                self.next_attempt = Instant::now() + RETRY_EVERY;
+                return;
+            }
+        };
+        self.said_no_route = false;
+        let Some(ip) = self.current else {
+            let why = format!("no route toward the manager at {url}");
+            if self.shared.guest_ip_report.failed(why.clone()) {
+                log::warn!("guest address report: {why}; trying again");
+            }
+            self.next_attempt = Instant::now() + RETRY_EVERY;
+            return;
+        };
+        match self.post(&url, ip) {
+            Ok(()) => {
+                if self.reported != Some(ip) {
+                    log::info!("told the manager the guest's address {ip} ({url})");
+                }
+                self.reported = Some(ip);
+                self.shared.guest_ip_report.accepted(&ip.to_string());
+                self.next_attempt = Instant::now() + REFRESH_EVERY;
+            }
+            Err(why) => {
+                if self.shared.guest_ip_report.failed(why.clone()) {
+                    log::warn!(
+                        "guest address report failed: {why}; retrying every {}s",
+                        RETRY_EVERY.as_secs()
+                    );
+                }
+                // The manager may have moved (DHCP): find it again.
+                self.manager = None;
+                self.next_attempt = Instant::now() + RETRY_EVERY;
+            }
+        }
+    }
+
+    /// The report URL with `{gateway}` filled in, and the manager's socket
+    /// address (a name is looked up within the timeout); also takes the
+    /// guest's current address toward it.
+    fn resolve(&mut self) -> Result<String, String> {
+        let gateway = if self.template.needs_gateway() {
+            route::default_gateway(&self.proc_root).map_err(|e| e.to_string())?
+        } else {
+            None
+        };
+        let target = self
+            .template
+            .resolve(gateway)
+            .ok_or_else(|| format!("no default route yet for {}", self.template.as_str()))?;
+        let addr = match target.literal() {
+            Some(a) => a,
+            None => self
+                .lookups
+                .resolve(&target.host, target.port, self.timeout)
+                .map_err(|e| format!("{}: {e}", target.host))?,
+        };
+        self.manager = Some(addr);
+        self.current = route::source_address(addr).ok();
+        Ok(report_url(&target.url, &self.vm_id))
+    }
+
+    fn post(&self, url: &str, ip: IpAddr) -> Result<(), String> {
+        // An address's text needs no JSON escaping.
+        let body = format!("{{\"guest_ip\":\"{ip}\"}}");
+        let mut resp = self
+            .agent
+            .post(url)
+            .header("Content-Type", "application/json")
+            .send(body.as_bytes())
+            .map_err(|e| format!("{url}: {e}"))?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_RESPONSE_BODY)
+            .read_to_vec()
+            .unwrap_or_default();
+        match status {
+            200..=299 => Ok(()),
+            400 | 404 | 422 => Err(format!(
+                "{url}: HTTP {status} {}: does the manager know this VM as {:?}?",
+                String::from_utf8_lossy(&text[..text.len().min(200)]).trim(),
+                self.vm_id
+            )),
+            _ => Err(format!("{url}: HTTP {status}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_url_joins_base_and_vm_id() {
+        assert_eq!(
+            report_url("http://10.0.2.2:18080/", "6f1c"),
+            "http://10.0.2.2:18080/v1/vms/6f1c/guest-ip"
+        );
+        assert_eq!(
+            report_url("http://10.0.2.2:18080", "6f1c"),
+            "http://10.0.2.2:18080/v1/vms/6f1c/guest-ip"
+        );
+    }
+}

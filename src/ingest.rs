@@ -1,0 +1,590 @@
+//! The receiving end of the agent's pushes, for a manager to embed: no HTTP
+//! framework, no I/O, only what every receiver has to get right
+//! (docs/manager.md, "Adding the push route to your manager").
+//!
+//! A POST body is a JSON array of samples of schema 1
+//! (docs/design.md#the-sample). [`Ingest::prepare`] parses and validates it
+//! and sorts its samples into new ones, duplicates and conflicts against the
+//! pairs (`run_id`, `seq`) seen before; the manager stores the new ones, then
+//! calls [`Ingest::commit`] (a failed store leaves them new, so the agent's
+//! retry stores them). Every outcome maps to the status the agent's delivery
+//! contract expects (docs/design.md#delivery): 2xx delivered; 400, 413 and
+//! 422 refused for its payload (the agent drops that batch, and never
+//! retries it); anything else, [`STORE_FAILED`] included, retried.
+//!
+//! Fields this version does not know are ignored, never refused: an agent
+//! newer than the manager adds fields within schema 1, and must not lose its
+//! samples to an older manager. A nullable field an older agent did not send
+//! is taken as null.
+//!
+//! ```
+//! use guest_agent::ingest::Ingest;
+//!
+//! let mut ingest = Ingest::new();
+//! let body = br#"[{"schema":1,"agent_version":"9.9.9","run_id":"r1","seq":1,
+//!     "timestamp_ms":1700000000000,"window_ms":0,"dropped_samples":0,
+//!     "cpu_usage_percent":3.5,"a_field_from_the_future":true}]"#;
+//! let batch = ingest.prepare(body).expect("a valid body");
+//! assert_eq!(batch.fresh().count(), 1);
+//! // … store batch.fresh() in the database, then:
+//! ingest.commit(&batch);
+//! assert_eq!(batch.reply().status, 200);
+//! // The agent's retry after a lost answer is recognised.
+//! let again = ingest.prepare(body).expect("a valid body");
+//! assert_eq!((again.fresh().count(), again.duplicates()), (0, 1));
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+
+use serde::Serialize;
+
+use crate::Sample;
+use crate::sample::SCHEMA;
+
+/// Largest body accepted, in bytes: the agent's largest batch (10,000
+/// samples) as it sends them, compact, is under this. Larger gets 413, on
+/// which the agent halves its batch.
+pub const MAX_BODY: usize = 8 * 1024 * 1024;
+
+/// Pairs remembered per run (agent process) for de-duplication. The agent
+/// sends oldest first and only ever resends the batch in flight (at most
+/// 10,000 samples, 100 by default), so a duplicate falls within this many
+/// of the newest seq; an older seq of a known run counts as
+/// [`Verdict::Expired`]. Each pair costs 16 bytes.
+pub const DEDUP_WINDOW: usize = 16 * 1024;
+
+/// Runs remembered; the least recently active is forgotten first (its
+/// resent samples would then count as new). At most
+/// `MAX_RUNS * DEDUP_WINDOW * 16` bytes, reached only when every run has
+/// pushed that many samples.
+pub const MAX_RUNS: usize = 1024;
+
+/// The status to answer when the samples could not be stored: the agent
+/// keeps the batch and retries.
+pub const STORE_FAILED: u16 = 503;
+
+/// A body refused for its payload, with the status the delivery contract
+/// gives it (400, 413 or 422: the agent drops the batch).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// 400 malformed, 413 too large, 422 a schema this version does not know.
+    pub status: u16,
+    /// What is wrong, naming the sample's index where there is one.
+    pub reason: String,
+}
+
+impl Refusal {
+    fn malformed(reason: impl Into<String>) -> Refusal {
+        Refusal {
+            status: 400,
+            reason: reason.into(),
+        }
+    }
+
+    /// The response to send.
+    pub fn reply(&self) -> Reply {
+        Reply::json(self.status, &serde_json::json!({ "error": self.reason }))
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HTTP {}: {}", self.status, self.reason)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// A response: always a JSON body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The HTTP status.
+    pub status: u16,
+    /// The JSON body, newline-terminated.
+    pub body: String,
+}
+
+impl Reply {
+    /// The content type of every body.
+    pub const CONTENT_TYPE: &'static str = "application/json";
+
+    fn json(status: u16, value: &serde_json::Value) -> Reply {
+        Reply {
+            status,
+            body: format!("{value}\n"),
+        }
+    }
+
+    /// The answer when storing failed: [`STORE_FAILED`], so the agent retries.
+    pub fn store_failed(why: &str) -> Reply {
+        Reply::json(STORE_FAILED, &serde_json::json!({ "error": why }))
+    }
+}
+
+/// Checks a declared `Content-Length` before reading the body (413 over
+/// [`MAX_BODY`]).
+pub fn check_length(len: u64) -> Result<(), Refusal> {
+    if len > MAX_BODY as u64 {
+        return Err(Refusal {
+            status: 413,
+            reason: format!("body of {len} bytes is over {MAX_BODY}"),
+        });
+    }
+    Ok(())
+}
+
+/// A pair seen again with a different payload: two agents sharing a
+/// `run_id`, or a corrupted resend. The first payload is kept; this one is
+/// reported, never silently dropped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Conflict {
+    /// The run.
+    pub run_id: String,
+    /// The sequence number.
+    pub seq: u64,
+    /// The VM id the conflicting sample carries.
+    pub vm_id: Option<String>,
+}
+
+/// What the de-duplicator says of one sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not seen before: store it.
+    New,
+    /// Seen with the same payload: the agent resent it after a lost answer.
+    Duplicate,
+    /// Seen with a different payload: see [`Conflict`].
+    Conflict,
+    /// Older than the run's window: cannot be told apart, taken as seen.
+    Expired,
+}
+
+/// A parsed sample and the fingerprint of its whole payload (unknown
+/// fields included).
+#[derive(Debug, Clone)]
+struct Received {
+    sample: Sample,
+    fingerprint: u64,
+}
+
+/// Parses a POST body into samples; no state is touched.
+fn parse(body: &[u8]) -> Result<Vec<Received>, Refusal> {
+    check_length(body.len() as u64)?;
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| Refusal::malformed(format!("body is not JSON: {e}")))?;
+    let serde_json::Value::Array(items) = value else {
+        return Err(Refusal::malformed("body is not a JSON array of samples"));
+    };
+    if items.is_empty() {
+        return Err(Refusal::malformed("empty batch: no samples"));
+    }
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let obj = item
+                .as_object()
+                .ok_or_else(|| Refusal::malformed(format!("sample {i}: not a JSON object")))?;
+            match obj.get("schema").and_then(serde_json::Value::as_u64) {
+                Some(n) if n == u64::from(SCHEMA) => {}
+                Some(n) => {
+                    return Err(Refusal {
+                        status: 422,
+                        reason: format!(
+                            "sample {i}: schema {n}; this manager understands schema {SCHEMA}"
+                        ),
+                    });
+                }
+                None => {
+                    return Err(Refusal::malformed(format!(
+                        "sample {i}: no numeric \"schema\" field"
+                    )));
+                }
+            }
+            // Object keys are ordered, so equal payloads give equal bytes.
+            let fingerprint = fnv1a(item.to_string().as_bytes());
+            let sample: Sample = serde_json::from_value(item)
+                .map_err(|e| Refusal::malformed(format!("sample {i}: {e}")))?;
+            Ok(Received {
+                sample,
+                fingerprint,
+            })
+        })
+        .collect()
+}
+
+/// FNV-1a, 64 bits: stable across processes and builds, unlike std's
+/// randomly keyed hasher, so fingerprints could be stored.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// One run's remembered pairs, `(seq, fingerprint)` sorted by seq.
+#[derive(Debug, Default)]
+struct Run {
+    pairs: VecDeque<(u64, u64)>,
+    last_active: u64,
+}
+
+/// Which (`run_id`, `seq`) pairs were seen and with what payload, in bounded
+/// memory: per run at most a window of the newest pairs, at most a number
+/// of runs, the least recently active forgotten first. Memory grows with
+/// what was seen, up to the limits.
+#[derive(Debug)]
+pub struct Dedup {
+    runs: HashMap<String, Run>,
+    clock: u64,
+    window: usize,
+    max_runs: usize,
+}
+
+impl Default for Dedup {
+    fn default() -> Dedup {
+        Dedup::with_limits(DEDUP_WINDOW, MAX_RUNS)
+    }
+}
+
+impl Dedup {
+    /// A de-duplicator remembering `window` pairs per run (at least 1) and
+    /// `max_runs` runs (at least 1).
+    pub fn with_limits(window: usize, max_runs: usize) -> Dedup {
+        Dedup {
+            runs: HashMap::new(),
+            clock: 0,
+            window: window.max(1),
+            max_runs: max_runs.max(1),
+        }
+    }
+
+    /// Runs remembered now.
+    pub fn runs(&self) -> usize {
+        self.runs.len()
+    }
+
+    /// What a sample with this payload fingerprint is.
+    pub fn check(&self, run_id: &str, seq: u64, fingerprint: u64) -> Verdict {
+        let Some(run) = self.runs.get(run_id) else {
+            return Verdict::New;
+        };
+        match run.pairs.binary_search_by_key(&seq, |p| p.0) {
+            Ok(i) if run.pairs[i].1 == fingerprint => Verdict::Duplicate,
+            Ok(_) => Verdict::Conflict,
+            Err(0) if run.pairs.len() >= self.window => Verdict::Expired,
+            Err(_) => Verdict::New,
+        }
+    }
+
+    /// Remembers a stored sample.
+    pub fn record(&mut self, run_id: &str, seq: u64, fingerprint: u64) {
+        self.clock += 1;
+        if !self.runs.contains_key(run_id)
+            && self.runs.len() >= self.max_runs
+            && let Some(oldest) = self
+                .runs
+                .iter()
+                .min_by_key(|(_, r)| r.last_active)
+                .map(|(k, _)| k.clone())
+        {
+            self.runs.remove(&oldest);
+        }
+        let run = self.runs.entry(run_id.to_string()).or_default();
+        run.last_active = self.clock;
+        if let Err(i) = run.pairs.binary_search_by_key(&seq, |p| p.0) {
+            run.pairs.insert(i, (seq, fingerprint));
+            if run.pairs.len() > self.window {
+                run.pairs.pop_front();
+            }
+        }
+    }
+}
+
+/// A validated body, its samples sorted against what was seen before.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    fresh: Vec<Received>,
+    duplicates: usize,
+    expired: usize,
+    conflicts: Vec<Conflict>,
+}
+
+impl Batch {
+    /// The samples to store, in the order they came.
+    pub fn fresh(&self) -> impl Iterator<Item = &Sample> {
+        self.fresh.iter().map(|r| &r.sample)
+    }
+
+    /// Samples already stored with the same payload.
+    pub fn duplicates(&self) -> usize {
+        self.duplicates
+    }
+
+    /// Samples older than their run's window, taken as seen.
+    pub fn expired(&self) -> usize {
+        self.expired
+    }
+
+    /// Samples whose pair was seen with a different payload; not stored.
+    pub fn conflicts(&self) -> &[Conflict] {
+        &self.conflicts
+    }
+
+    /// The response once the fresh samples are stored: 200 with the counts.
+    /// Conflicts are listed but still answered 2xx: no retry could resolve
+    /// them, and a refusal would make the agent drop the fresh samples too.
+    pub fn reply(&self) -> Reply {
+        Reply::json(
+            200,
+            &serde_json::json!({
+                "accepted": self.fresh.len(),
+                "duplicates": self.duplicates,
+                "expired": self.expired,
+                "conflicts": self.conflicts,
+            }),
+        )
+    }
+}
+
+/// The embeddable receiver: validation and de-duplication.
+#[derive(Debug, Default)]
+pub struct Ingest {
+    dedup: Dedup,
+}
+
+impl Ingest {
+    /// A receiver with the default limits ([`DEDUP_WINDOW`], [`MAX_RUNS`]).
+    pub fn new() -> Ingest {
+        Ingest::default()
+    }
+
+    /// A receiver with its own de-duplication limits.
+    pub fn with_limits(window: usize, max_runs: usize) -> Ingest {
+        Ingest {
+            dedup: Dedup::with_limits(window, max_runs),
+        }
+    }
+
+    /// The de-duplicator, for its figures.
+    pub fn dedup(&self) -> &Dedup {
+        &self.dedup
+    }
+
+    /// Parses, validates and sorts a POST body; nothing is remembered until
+    /// [`Ingest::commit`].
+    pub fn prepare(&self, body: &[u8]) -> Result<Batch, Refusal> {
+        let mut batch = Batch {
+            fresh: Vec::new(),
+            duplicates: 0,
+            expired: 0,
+            conflicts: Vec::new(),
+        };
+        // Pairs earlier in this same body count as seen.
+        let mut in_body: HashMap<(String, u64), u64> = HashMap::new();
+        for r in parse(body)? {
+            let (run_id, seq) = (&r.sample.run_id, r.sample.seq);
+            let verdict = match in_body.get(&(run_id.clone(), seq)) {
+                Some(&fp) if fp == r.fingerprint => Verdict::Duplicate,
+                Some(_) => Verdict::Conflict,
+                None => self.dedup.check(run_id, seq, r.fingerprint),
+            };
+            match verdict {
+                Verdict::New => {
+                    in_body.insert((run_id.clone(), seq), r.fingerprint);
+                    batch.fresh.push(r);
+                }
+                Verdict::Duplicate => batch.duplicates += 1,
+                Verdict::Expired => batch.expired += 1,
+                Verdict::Conflict => batch.conflicts.push(Conflict {
+                    run_id: run_id.clone(),
+                    seq,
+                    vm_id: r.sample.vm_id.clone(),
+                }),
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Remembers a batch's fresh samples as stored.
+    pub fn commit(&mut self, batch: &Batch) {
+        for r in &batch.fresh {
+            self.dedup
+                .record(&r.sample.run_id, r.sample.seq, r.fingerprint);
+        }
+    }
+
+    /// [`Ingest::prepare`] and [`Ingest::commit`] at once, for a receiver
+    /// whose storing cannot fail (an in-memory view).
+    pub fn receive(&mut self, body: &[u8]) -> Result<Batch, Refusal> {
+        let batch = self.prepare(body)?;
+        self.commit(&batch);
+        Ok(batch)
+    }
+}
+
+/// The response for a body's outcome when nothing else can go wrong.
+pub fn reply(outcome: &Result<Batch, Refusal>) -> Reply {
+    match outcome {
+        Ok(batch) => batch.reply(),
+        Err(refusal) => refusal.reply(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(run: &str, seq: u64, cpu: f64) -> serde_json::Value {
+        serde_json::json!({
+            "schema": 1, "agent_version": "0.1.0", "vm_id": "vm-1", "hostname": "h",
+            "boot_id": "b", "run_id": run, "seq": seq, "timestamp_ms": 1_700_000_000_000u64 + seq,
+            "window_ms": 5000, "guest_ip": null, "cpu_count": 2, "cpu_usage_percent": cpu,
+            "cpu_iowait_percent": 0.0, "cpu_steal_percent": 0.0, "procs_running": 1,
+            "procs_blocked": 0, "process_count": 50, "load_average": 0.1,
+            "load_average_5": 0.1, "load_average_15": 0.1, "memory_total_kb": 1000,
+            "memory_available_kb": 500, "memory_used_kb": 500, "memory_usage_percent": 50.0,
+            "swap_total_kb": 0, "swap_used_kb": 0, "uptime_seconds": 10,
+            "network_rx_bytes": 0, "network_tx_bytes": 0, "disk_read_bytes": 0,
+            "disk_write_bytes": 0, "filesystem_total_kb": null, "filesystem_used_kb": null,
+            "pressure_cpu_some_avg10": null, "pressure_memory_some_avg10": null,
+            "pressure_io_some_avg10": null, "dropped_samples": 0
+        })
+    }
+
+    fn body(items: &[serde_json::Value]) -> Vec<u8> {
+        serde_json::to_vec(items).unwrap()
+    }
+
+    #[test]
+    fn new_then_duplicate_then_conflict() {
+        let mut ing = Ingest::new();
+        let b = ing
+            .receive(&body(&[sample("r", 1, 1.0), sample("r", 2, 2.0)]))
+            .unwrap();
+        assert_eq!(b.fresh().map(|s| s.seq).collect::<Vec<_>>(), vec![1, 2]);
+        let b = ing
+            .receive(&body(&[sample("r", 2, 2.0), sample("r", 3, 3.0)]))
+            .unwrap();
+        assert_eq!(b.fresh().map(|s| s.seq).collect::<Vec<_>>(), vec![3]);
+        assert_eq!(b.duplicates(), 1);
+        let b = ing.receive(&body(&[sample("r", 1, 9.0)])).unwrap();
+        assert_eq!(b.fresh().count(), 0);
+        assert_eq!(
+            b.conflicts(),
+            &[Conflict {
+                run_id: "r".into(),
+                seq: 1,
+                vm_id: Some("vm-1".into())
+            }]
+        );
+        let reply: serde_json::Value = serde_json::from_str(&b.reply().body).unwrap();
+        assert_eq!(b.reply().status, 200);
+        assert_eq!(reply["conflicts"][0]["seq"], 1);
+    }
+
+    #[test]
+    fn the_same_pair_twice_in_one_body() {
+        let ing = Ingest::new();
+        let b = ing
+            .prepare(&body(&[
+                sample("r", 1, 1.0),
+                sample("r", 1, 1.0),
+                sample("r", 1, 2.0),
+            ]))
+            .unwrap();
+        assert_eq!(
+            (b.fresh().count(), b.duplicates(), b.conflicts().len()),
+            (1, 1, 1)
+        );
+    }
+
+    #[test]
+    fn nothing_is_remembered_before_commit() {
+        let mut ing = Ingest::new();
+        let raw = body(&[sample("r", 1, 1.0)]);
+        let first = ing.prepare(&raw).unwrap();
+        // The store failed: the retry is still new.
+        assert_eq!(ing.prepare(&raw).unwrap().fresh().count(), 1);
+        ing.commit(&first);
+        assert_eq!(ing.prepare(&raw).unwrap().duplicates(), 1);
+    }
+
+    #[test]
+    fn unknown_fields_are_accepted_and_missing_nullable_ones_are_null() {
+        let mut newer = sample("r", 1, 1.0);
+        newer["gpu_usage_percent"] = 12.5.into();
+        newer["restore"] = serde_json::json!({"generation": 2});
+        let b = Ingest::new().prepare(&body(&[newer])).unwrap();
+        assert_eq!(b.fresh().count(), 1);
+
+        let mut older = sample("r", 2, 1.0);
+        older
+            .as_object_mut()
+            .unwrap()
+            .remove("pressure_io_some_avg10");
+        let b = Ingest::new().prepare(&body(&[older])).unwrap();
+        assert_eq!(b.fresh().next().unwrap().pressure_io_some_avg10, None);
+    }
+
+    #[test]
+    fn refusals_carry_the_contract_status() {
+        let ing = Ingest::new();
+        let status = |raw: &[u8]| ing.prepare(raw).unwrap_err().status;
+        assert_eq!(status(b"not json"), 400);
+        assert_eq!(status(b"{}"), 400);
+        assert_eq!(status(b"[]"), 400);
+        assert_eq!(status(b"[1]"), 400);
+        let mut no_run = sample("r", 1, 1.0);
+        no_run.as_object_mut().unwrap().remove("run_id");
+        let e = ing
+            .prepare(&body(&[sample("r", 1, 1.0), no_run]))
+            .unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(
+            e.reason.starts_with("sample 1: ") && e.reason.contains("run_id"),
+            "{e}"
+        );
+        let mut wrong_type = sample("r", 1, 1.0);
+        wrong_type["cpu_usage_percent"] = "high".into();
+        assert_eq!(status(&body(&[wrong_type])), 400);
+        let mut schema2 = sample("r", 1, 1.0);
+        schema2["schema"] = 2.into();
+        assert_eq!(status(&body(&[schema2])), 422);
+        assert_eq!(check_length(MAX_BODY as u64 + 1).unwrap_err().status, 413);
+        assert_eq!(status(&vec![b' '; MAX_BODY + 1]), 413);
+        let reply = ing.prepare(b"[]").unwrap_err().reply();
+        let v: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+        assert!(v["error"].as_str().unwrap().contains("no samples"));
+    }
+
+    #[test]
+    fn memory_is_bounded_per_run_and_in_runs() {
+        let mut d = Dedup::with_limits(4, 2);
+        for seq in 1..=10 {
+            d.record("a", seq, seq);
+        }
+        assert_eq!(d.runs["a"].pairs.len(), 4);
+        assert_eq!(d.check("a", 10, 10), Verdict::Duplicate);
+        assert_eq!(d.check("a", 7, 7), Verdict::Duplicate);
+        assert_eq!(d.check("a", 6, 6), Verdict::Expired);
+        assert_eq!(d.check("a", 11, 0), Verdict::New);
+        d.record("b", 1, 1);
+        d.record("c", 1, 1);
+        assert_eq!(d.runs(), 2);
+        // "a" was the least recently active: forgotten.
+        assert_eq!(d.check("a", 10, 10), Verdict::New);
+        assert_eq!(d.check("c", 1, 1), Verdict::Duplicate);
+    }
+
+    #[test]
+    fn gaps_and_out_of_order_seqs_are_fine() {
+        let mut d = Dedup::with_limits(8, 1);
+        for seq in [5, 1, 9, 3] {
+            d.record("r", seq, seq);
+        }
+        for seq in [1, 3, 5, 9] {
+            assert_eq!(d.check("r", seq, seq), Verdict::Duplicate);
+        }
+        assert_eq!(d.check("r", 4, 4), Verdict::New);
+    }
+}

@@ -1,0 +1,61 @@
+//! QEMU's human monitor on a Unix socket, for what the command line of
+//! [`super::Vm::start`] does not set: a port forward from host loopback to
+//! the guest (`hostfwd_add`), added to the running user-mode network.
+// Used by some of the test crates that include the harness, not all.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// A monitor socket path under `target/vm-logs`, unique per test name.
+pub fn socket_path(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/vm-logs");
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join(format!("{name}.monitor"));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+/// The QEMU arguments that open the monitor on `path`.
+pub fn args(path: &Path) -> Vec<String> {
+    vec![
+        "-monitor".into(),
+        format!("unix:{},server=on,wait=off", path.display()),
+    ]
+}
+
+/// Forwards host `127.0.0.1:host_port` to the guest's `guest_port` on the
+/// user-mode network `n0` (the guest's DHCP address, 10.0.2.15).
+pub fn hostfwd(path: &Path, host_port: u16, guest_port: u16) -> Result<(), String> {
+    let cmd = format!("hostfwd_add n0 tcp:127.0.0.1:{host_port}-:{guest_port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut conn = loop {
+        match UnixStream::connect(path) {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(format!("monitor {}: {e}", path.display())),
+        }
+    };
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    conn.write_all(format!("{cmd}\n").as_bytes())
+        .map_err(|e| format!("monitor: {e}"))?;
+    // The monitor echoes the command and prints a new prompt when done; an
+    // error is printed in between.
+    let mut out = String::new();
+    let mut chunk = [0u8; 1024];
+    while out.matches("(qemu)").count() < 2 {
+        match conn.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => out.push_str(&String::from_utf8_lossy(&chunk[..n])),
+            Err(e) => return Err(format!("monitor: {e}; so far {out:?}")),
+        }
+    }
+    let after = out.rsplit_once(&cmd).map_or(out.as_str(), |(_, a)| a);
+    if after.to_ascii_lowercase().contains("could not") || after.contains("rror") {
+        return Err(format!("{cmd}: {after:?}"));
+    }
+    Ok(())
+}
