@@ -377,9 +377,8 @@ fn mmds_values_rank_above_the_cmdline_and_file_and_show_as_mmds() {
     let mmds = MmdsStandIn::start(
         r#"{"guest_agent": {"vm_id": "from-mmds", "interval": "7s", "token": "mmds-secret"}}"#,
     );
-    let dir = std::env::temp_dir().join(format!("ga-mmds-rank-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let conf = dir.join("guest-agent.conf");
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("guest-agent.conf");
     std::fs::write(&conf, "VM_ID=from-file\n").unwrap();
     let config = guest_agent::config::resolve(
         &[("url", "off".into()), ("listen", "off".into())],
@@ -404,7 +403,6 @@ fn mmds_values_rank_above_the_cmdline_and_file_and_show_as_mmds() {
         "a token is never printed: {text}"
     );
     assert_eq!(printed["token"]["value"], "set");
-    let _ = std::fs::remove_dir_all(&dir);
 
     // Opted in but nobody answers: an error that names MMDS, the rest goes on.
     let gone = std::net::TcpListener::bind("127.0.0.1:0")
@@ -419,7 +417,7 @@ fn mmds_values_rank_above_the_cmdline_and_file_and_show_as_mmds() {
             ("vm_id", "still-here".into()),
         ],
         &[],
-        Some(&dir.join("none.conf")),
+        Some(&dir.path().join("none.conf")),
     )
     .unwrap();
     assert_eq!(config.vm_id.as_deref(), Some("still-here"));
