@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::push::http_agent;
 use crate::route::{self, Lookups, UrlTemplate};
 use crate::status::Shared;
 use crate::stop::Stop;
@@ -166,6 +167,11 @@ pub struct Reporter {
     reported: Option<IpAddr>,
     next_attempt: Instant,
     said_no_route: bool,
+    /// The restore generation last acted on (docs/snapshots.md).
+    restores: u64,
+    /// A restore was seen and its first sample (with the clone's `vm_id`)
+    /// is awaited before reporting again.
+    restore_pending: bool,
 }
 
 impl Reporter {
@@ -179,15 +185,9 @@ impl Reporter {
             );
             return None;
         };
-        let agent = ureq::Agent::config_builder()
-            .timeout_global(Some(config.timeout))
-            .http_status_as_error(false)
-            // Only the manager, only where it was configured.
-            .proxy(None)
-            .max_redirects(0)
-            .user_agent(format!("guest-agent/{}", crate::AGENT_VERSION))
-            .build()
-            .new_agent();
+        // The push's client settings: only the manager, no proxy, no
+        // redirects, a deadline on the whole request.
+        let agent = http_agent(config.timeout);
         Some(Reporter {
             shared,
             template,
@@ -201,6 +201,8 @@ impl Reporter {
             reported: None,
             next_attempt: Instant::now(),
             said_no_route: false,
+            restores: 0,
+            restore_pending: false,
         })
     }
 
@@ -208,8 +210,9 @@ impl Reporter {
     pub fn run(mut self, stop: &Stop) {
         loop {
             let now = Instant::now();
+            self.after_restore(now);
             self.check_address(now);
-            if now >= self.next_attempt {
+            if now >= self.next_attempt && !self.restore_pending {
                 self.attempt();
             }
             let wake = self.next_attempt.min(Instant::now() + CHECK_EVERY);
@@ -217,6 +220,36 @@ impl Reporter {
                 return;
             }
         }
+    }
+
+    /// After a snapshot restore this VM is a clone: its connections are the
+    /// parent's, its address and its id (from MMDS) may differ. Once the
+    /// first sample of the new run shows the id, the report is sent again
+    /// at once.
+    fn after_restore(&mut self, now: Instant) {
+        let restores = self.shared.restores();
+        if restores != self.restores {
+            self.restores = restores;
+            self.restore_pending = true;
+            self.agent = http_agent(self.timeout);
+            self.manager = None;
+            self.reported = None;
+        }
+        if !self.restore_pending {
+            return;
+        }
+        let Some(latest) = self.shared.latest() else {
+            return;
+        };
+        if latest.restore_count < self.restores {
+            return;
+        }
+        if let Some(vm_id) = latest.vm_id.clone() {
+            self.vm_id = vm_id;
+        }
+        self.restore_pending = false;
+        self.next_attempt = now;
+        log::info!("restored from a snapshot: reporting the guest's address again");
     }
 
     /// Looks at the guest's address toward the manager; a new one is due

@@ -229,8 +229,8 @@ mod tests {
 
     #[test]
     fn only_lines_logged_after_opening_count() {
-        let dir = tempdir("kmsg-after-open");
-        let path = dir.join("kmsg");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kmsg");
         std::fs::write(&path, format!("6,1,100,-;random: {VM_FORK_LINE}\n")).unwrap();
         let mut w = Watcher::open(&path).unwrap();
         assert_eq!(
@@ -268,12 +268,5 @@ mod tests {
             Duration::from_millis(100)
         );
         assert_eq!(settle(Duration::from_secs(5)), MAX_SETTLE);
-    }
-
-    fn tempdir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("ga-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
     }
 }

@@ -510,16 +510,16 @@ mod tests {
 
     const WAIT: Duration = Duration::from_secs(30);
 
-    fn socket_path(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("ga-vsock-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir.join("vm.vsock_1024")
+    /// A socket path in a fresh directory, removed with the returned guard.
+    fn socket_path() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.vsock_1024");
+        (dir, path)
     }
 
     #[test]
     fn http_over_a_stream_socket_keeps_the_connection_alive() {
-        let path = socket_path("keepalive");
+        let (_dir, path) = socket_path();
         let seen = serve(
             std::os::unix::net::UnixListener::bind(&path).unwrap(),
             false,
@@ -541,12 +541,11 @@ mod tests {
             head.contains("\r\nauthorization: bearer t0ken\r\n"),
             "{head}"
         );
-        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
     #[test]
     fn a_closed_connection_is_replaced_at_the_next_request() {
-        let path = socket_path("reconnect");
+        let (_dir, path) = socket_path();
         let seen = serve(std::os::unix::net::UnixListener::bind(&path).unwrap(), true);
         let agent = unix_agent(&path);
         for body in ["[1]", "[2]"] {
@@ -557,12 +556,11 @@ mod tests {
         }
         assert_eq!(post(&agent, "[3]").unwrap(), 204);
         assert_eq!(seen.recv_timeout(WAIT).unwrap().conn, 2);
-        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
     #[test]
     fn a_missing_host_side_is_a_connect_error_then_a_new_one_is_used() {
-        let path = socket_path("restart");
+        let (_dir, path) = socket_path();
         let agent = unix_agent(&path);
         let e = post(&agent, "[1]").unwrap_err().to_string();
         assert!(
@@ -575,7 +573,6 @@ mod tests {
         );
         assert_eq!(post(&agent, "[1]").unwrap(), 204);
         assert_eq!(seen.recv_timeout(WAIT).unwrap().body, b"[1]");
-        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
     #[test]

@@ -127,9 +127,8 @@ fn start_pre_refuses_a_usage_error() {
 /// OpenRC's `service_get_value` answering `child_pid` with `pid`. Returns
 /// the exit status and what the check wrote to its log.
 fn healthcheck(confd: &str, pid: u32) -> (bool, String) {
-    let dir = std::env::temp_dir().join(format!("ga-openrc-hc-{}-{pid}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let log = dir.join("guest-agent.log");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("guest-agent.log");
     let script = format!(
         "service_get_value() {{ [ \"$1\" = child_pid ] && echo {pid}; }}
 {confd}
@@ -148,7 +147,6 @@ healthcheck",
         .output()
         .expect("run sh");
     let text = std::fs::read_to_string(&log).unwrap_or_default();
-    let _ = std::fs::remove_dir_all(&dir);
     (out.status.success(), text)
 }
 

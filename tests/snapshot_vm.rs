@@ -277,8 +277,8 @@ fn clones_of_a_snapshot_each_start_their_own_run() {
 fn a_restore_signal_starts_a_new_run_in_process() {
     let receiver = Receiver::start();
     let mmds = MmdsStandIn::start(&document("before"));
-    let dir = std::env::temp_dir().join(format!("ga-restore-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let kmsg = dir.join("kmsg");
     std::fs::write(&kmsg, "6,1,1,-;an old message\n").unwrap();
     let conf = dir.join("guest-agent.conf");
@@ -291,6 +291,12 @@ fn a_restore_signal_starts_a_new_run_in_process() {
             ("listen", "off".into()),
             ("kmsg", kmsg.display().to_string()),
             ("mmds", mmds.addr().to_string()),
+            // The drop-in mode's address report (docs/manager.md) is sent
+            // again after a restore, under the clone's id.
+            (
+                "manager_url",
+                format!("http://127.0.0.1:{}", receiver.port()),
+            ),
         ],
         &[],
         Some(&conf),
@@ -328,6 +334,18 @@ fn a_restore_signal_starts_a_new_run_in_process() {
             (new.len() >= 3).then(|| new[0].run_id.clone())
         })
         .expect("3 samples of a new run after the restore signal");
+    let reported = |posts: &[Post], id: &str| {
+        posts
+            .iter()
+            .any(|p| p.path == format!("/v1/vms/{id}/guest-ip"))
+            .then_some(())
+    };
+    receiver
+        .wait_for(deadline, |posts| reported(posts, "before"))
+        .expect("the guest address reported under the first id");
+    receiver
+        .wait_for(deadline, |posts| reported(posts, "after"))
+        .expect("the guest address reported again under the clone's id");
     running.stop();
 
     let posts = receiver.posts();
@@ -351,7 +369,6 @@ fn a_restore_signal_starts_a_new_run_in_process() {
     }
     // A token and a document at start, and again after the restore.
     assert_eq!(mmds.requests().len(), 4, "{:?}", mmds.requests());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// MMDS outranks the cmdline and the file, and `--print-config` names it.
@@ -360,9 +377,8 @@ fn mmds_values_rank_above_the_cmdline_and_file_and_show_as_mmds() {
     let mmds = MmdsStandIn::start(
         r#"{"guest_agent": {"vm_id": "from-mmds", "interval": "7s", "token": "mmds-secret"}}"#,
     );
-    let dir = std::env::temp_dir().join(format!("ga-mmds-rank-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let conf = dir.join("guest-agent.conf");
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("guest-agent.conf");
     std::fs::write(&conf, "VM_ID=from-file\n").unwrap();
     let config = guest_agent::config::resolve(
         &[("url", "off".into()), ("listen", "off".into())],
@@ -387,7 +403,6 @@ fn mmds_values_rank_above_the_cmdline_and_file_and_show_as_mmds() {
         "a token is never printed: {text}"
     );
     assert_eq!(printed["token"]["value"], "set");
-    let _ = std::fs::remove_dir_all(&dir);
 
     // Opted in but nobody answers: an error that names MMDS, the rest goes on.
     let gone = std::net::TcpListener::bind("127.0.0.1:0")
@@ -402,7 +417,7 @@ fn mmds_values_rank_above_the_cmdline_and_file_and_show_as_mmds() {
             ("vm_id", "still-here".into()),
         ],
         &[],
-        Some(&dir.join("none.conf")),
+        Some(&dir.path().join("none.conf")),
     )
     .unwrap();
     assert_eq!(config.vm_id.as_deref(), Some("still-here"));

@@ -6,7 +6,6 @@
 //!
 //! Nothing here opens a socket: `--print-config` and `--once` only read.
 
-use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn agent(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -19,11 +18,9 @@ fn agent(args: &[&str], env: &[(&str, &str)]) -> Output {
 }
 
 /// A proc root holding only a kernel command line.
-fn proc_root(name: &str, cmdline: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ga-vsock-cfg-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("cmdline"), cmdline).unwrap();
+fn proc_root(cmdline: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cmdline"), cmdline).unwrap();
     dir
 }
 
@@ -53,16 +50,13 @@ fn bad_vsock_urls_on_the_command_line_exit_2_with_one_line() {
 
 #[test]
 fn bad_vsock_urls_elsewhere_fall_through_to_the_next_source() {
-    let root = proc_root(
-        "fallthrough",
-        "console=ttyS0 guest_agent.url=vsock://2:x/v1/guest-metrics quiet\n",
-    );
+    let root = proc_root("console=ttyS0 guest_agent.url=vsock://2:x/v1/guest-metrics quiet\n");
     let out = agent(
         &[
             "--proc-root",
-            root.to_str().unwrap(),
+            root.path().to_str().unwrap(),
             "--config",
-            root.join("no-such.conf").to_str().unwrap(),
+            root.path().join("no-such.conf").to_str().unwrap(),
             "--print-config",
         ],
         &[("GUEST_AGENT_URL", "vsock://0:1024/v1/guest-metrics")],
@@ -79,15 +73,18 @@ fn bad_vsock_urls_elsewhere_fall_through_to_the_next_source() {
         stderr.contains("guest_agent.url") && stderr.contains("port \"x\" is not a number"),
         "{stderr}"
     );
-    std::fs::remove_dir_all(&root).unwrap();
 }
 
 #[test]
 fn a_vsock_url_is_printed_as_is_and_gives_no_guest_ip() {
     let url = "vsock://2:1024/v1/guest-metrics";
-    let root = proc_root("print", &format!("console=ttyS0 guest_agent.url={url}\n"));
+    let root = proc_root(&format!("console=ttyS0 guest_agent.url={url}\n"));
     let out = agent(
-        &["--proc-root", root.to_str().unwrap(), "--print-config"],
+        &[
+            "--proc-root",
+            root.path().to_str().unwrap(),
+            "--print-config",
+        ],
         &[],
     );
     assert_eq!(out.status.code(), Some(0));
@@ -95,7 +92,6 @@ fn a_vsock_url_is_printed_as_is_and_gives_no_guest_ip() {
     assert_eq!(config["url"]["value"], url, "{config}");
     assert_eq!(config["url"]["source"], "cmdline", "{config}");
     assert_eq!(config["url"]["resolved"], url, "{config}");
-    std::fs::remove_dir_all(&root).unwrap();
 
     // A real /proc for the figures; `--once` collects and prints, it does
     // not push.

@@ -25,7 +25,8 @@ pub enum Mode {
     CloseMidResponse,
     /// Accept the connection and close it at once.
     Reset,
-    /// 204 for a JSON array of samples of this schema, 400 for anything else.
+    /// 204 for a JSON array of samples of this schema or a guest-address
+    /// report (`POST …/guest-ip`), 400 for anything else.
     Samples,
 }
 
@@ -148,6 +149,7 @@ fn serve(mut conn: TcpStream, mode: Arc<Mutex<Mode>>, state: Arc<Mutex<State>>) 
             Mode::Status(code, h) => (*code, h.clone()),
             Mode::TooLargeAbove(n) if samples.len() > *n => (413, vec![]),
             Mode::TooLargeAbove(_) => (204, vec![]),
+            Mode::Samples if path.ends_with("/guest-ip") => (204, vec![]),
             Mode::Samples => match serde_json::from_slice::<Vec<guest_agent::Sample>>(&body) {
                 Ok(_) => (204, vec![]),
                 Err(_) => (400, vec![]),
