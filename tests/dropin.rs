@@ -10,9 +10,9 @@
 //! `.ci/run` runs); without it the test fails under `CI=true` and is
 //! skipped otherwise.
 
+mod common;
 mod pull_manager;
 
-use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -45,19 +45,7 @@ impl Agent {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start guest-agent");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (mut pipe, sink) = (child.stderr.take().unwrap(), stderr.clone());
-        std::thread::spawn(move || {
-            let mut chunk = [0u8; 4096];
-            while let Ok(n) = pipe.read(&mut chunk) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&chunk[..n]));
-            }
-        });
+        let (stderr, _reader) = common::collect_stderr(&mut child);
         Agent {
             child,
             started,

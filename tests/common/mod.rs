@@ -267,19 +267,7 @@ impl AgentProcess {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start guest-agent");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (mut pipe, sink) = (child.stderr.take().unwrap(), stderr.clone());
-        let reader = std::thread::spawn(move || {
-            let mut chunk = [0u8; 4096];
-            while let Ok(n) = pipe.read(&mut chunk) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&chunk[..n]));
-            }
-        });
+        let (stderr, reader) = collect_stderr(&mut child);
         AgentProcess {
             child,
             stderr,
@@ -379,6 +367,28 @@ pub fn once(args: &[&str]) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("--once prints JSON")
+}
+
+/// Collects a child's piped stderr as it comes, on a thread that ends at
+/// end of file: the text so far, and the thread to join after the exit.
+pub fn collect_stderr(
+    child: &mut std::process::Child,
+) -> (Arc<Mutex<String>>, std::thread::JoinHandle<()>) {
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let sink = stderr.clone();
+    let mut pipe = child.stderr.take().expect("stderr is piped");
+    let reader = std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    });
+    (stderr, reader)
 }
 
 /// The fixture proc root captured from a real machine.

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use crate::vm_harness::assets;
 use crate::vm_harness::cpio::Cpio;
-use crate::vm_harness::initramfs::{module_bytes, resolve_modules};
+use crate::vm_harness::initramfs::{UDHCPC_SCRIPT, module_bytes, resolve_modules};
 
 /// The generic kernel's meta-package.
 const KERNEL_META: &str = "linux-image-amd64";
@@ -190,21 +190,6 @@ fn build_initramfs(
     ));
     Ok(image)
 }
-
-const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
-case "$1" in
-deconfig)
-    ip -4 addr flush dev "$interface"
-    ip link set "$interface" up
-    ;;
-bound|renew)
-    ip -4 addr flush dev "$interface"
-    ip addr add "$ip/${mask:-24}" dev "$interface"
-    for r in $router; do ip route add default via "$r" dev "$interface"; break; done
-    ;;
-esac
-exit 0
-"#;
 
 /// The guest's init: network first (the agent reads MMDS at start), then
 /// the agent with its configuration from the kernel command line.
