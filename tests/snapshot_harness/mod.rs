@@ -15,16 +15,17 @@
 pub mod mmds_stand_in;
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::vm_harness::assets;
 use crate::vm_harness::cpio::Cpio;
 use crate::vm_harness::initramfs::{UDHCPC_SCRIPT, module_bytes, resolve_modules};
+use crate::vm_harness::qemu::{Console, spawn_reader};
 
 /// The generic kernel's meta-package.
 const KERNEL_META: &str = "linux-image-amd64";
@@ -215,14 +216,6 @@ fi
 say agent-started
 while :; do sleep 3600; done
 "#;
-
-#[derive(Default)]
-struct ConsoleState {
-    lines: Vec<(Instant, String)>,
-    closed: bool,
-}
-
-type Console = Arc<(Mutex<ConsoleState>, Condvar)>;
 
 /// One VM to start: a fresh boot, or a clone of a saved state.
 pub struct Spec<'a> {
@@ -484,40 +477,4 @@ fn read_prompt(r: &mut BufReader<UnixStream>, name: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-fn spawn_reader(
-    stream: impl Read + Send + 'static,
-    prefix: &'static str,
-    console: Console,
-    file: Arc<Mutex<fs::File>>,
-    closes: bool,
-) {
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(stream);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match reader.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-            let text = String::from_utf8_lossy(&buf);
-            let line = format!("{prefix}{}", text.trim_end_matches(['\r', '\n']));
-            if let Ok(mut f) = file.lock() {
-                let _ = writeln!(f, "{line}");
-            }
-            let (lock, cond) = &*console;
-            lock.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .lines
-                .push((Instant::now(), line));
-            cond.notify_all();
-        }
-        if closes {
-            let (lock, cond) = &*console;
-            lock.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
-            cond.notify_all();
-        }
-    });
 }

@@ -17,13 +17,14 @@ pub const MARK: &str = "@@GA ";
 pub const MEMORY_MIB: u64 = 256;
 pub const CPUS: u32 = 2;
 
+/// What a VM wrote to its console so far, shared with the reader threads.
 #[derive(Default)]
-struct ConsoleState {
-    lines: Vec<(Instant, String)>,
-    closed: bool,
+pub struct ConsoleState {
+    pub lines: Vec<(Instant, String)>,
+    pub closed: bool,
 }
 
-type Console = Arc<(Mutex<ConsoleState>, Condvar)>;
+pub type Console = Arc<(Mutex<ConsoleState>, Condvar)>;
 
 pub struct Vm {
     name: String,
@@ -230,7 +231,9 @@ pub fn marker(line: &str) -> Option<&str> {
     line.find(MARK).map(|at| &line[at + MARK.len()..])
 }
 
-fn spawn_reader(
+/// Copies `stream` line by line into `console` (and `file`), prefixed;
+/// with `closes`, its end marks the console closed.
+pub fn spawn_reader(
     stream: impl Read + Send + 'static,
     prefix: &'static str,
     console: Console,
