@@ -23,8 +23,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::vm_harness::assets;
-use crate::vm_harness::cpio::Cpio;
-use crate::vm_harness::initramfs::{UDHCPC_SCRIPT, module_bytes, resolve_modules};
+use crate::vm_harness::initramfs;
 use crate::vm_harness::qemu::{Console, spawn_reader};
 
 /// The generic kernel's meta-package.
@@ -137,59 +136,15 @@ fn build_initramfs(
     busybox: &Path,
     agent: &Path,
 ) -> Result<PathBuf, String> {
-    let modules = resolve_modules(modules_dir, &ROOT_MODULES)?;
-    let mut c = Cpio::new();
-    for d in [
-        "/bin",
-        "/sbin",
-        "/usr",
-        "/usr/bin",
-        "/usr/sbin",
-        "/etc",
-        "/proc",
-        "/sys",
-        "/dev",
-        "/tmp",
-        "/lib",
-        "/lib/modules",
-    ] {
-        c.dir(d);
-    }
-    c.char_dev("/dev/console", 0o600, 5, 1);
-    let read = |p: &Path| fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
-    c.file("/bin/busybox", 0o755, &read(busybox)?);
-    c.file("/usr/bin/guest-agent", 0o755, &read(agent)?);
-    let mut names = Vec::new();
-    for (name, path) in &modules {
-        c.file(
-            &format!("/lib/modules/{name}.ko"),
-            0o644,
-            &module_bytes(path)?,
-        );
-        names.push(name.as_str());
-    }
-    c.file("/etc/udhcpc.script", 0o755, UDHCPC_SCRIPT.as_bytes());
-    c.file(
-        "/init",
-        0o755,
-        INIT.replace("@MODULES@", &names.join(" ")).as_bytes(),
-    );
-    let bytes = c.finish();
-    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    let image = cache.join(format!("initramfs-q35-{hash:016x}.cpio"));
-    if !image.is_file() {
-        let tmp = image.with_extension(format!("tmp{}", std::process::id()));
-        fs::write(&tmp, &bytes).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-        fs::rename(&tmp, &image).map_err(|e| format!("cannot write {}: {e}", image.display()))?;
-    }
-    crate::vm_harness::report(format_args!(
-        "snapshot vm: initramfs {} with modules {}",
-        image.display(),
-        names.join(" ")
-    ));
-    Ok(image)
+    initramfs::assemble(&initramfs::Image {
+        modules_dir,
+        root_modules: &ROOT_MODULES,
+        busybox,
+        agent,
+        init: INIT,
+        cache,
+        name: "initramfs-q35",
+    })
 }
 
 /// The guest's init: network first (the agent reads MMDS at start), then

@@ -27,7 +27,35 @@ pub fn get(assets: &Assets) -> Result<&'static Path, String> {
 }
 
 fn build(assets: &Assets) -> Result<PathBuf, String> {
-    let modules = resolve_modules(&assets.modules_dir, &ROOT_MODULES)?;
+    assemble(&Image {
+        modules_dir: &assets.modules_dir,
+        root_modules: &ROOT_MODULES,
+        busybox: &assets.busybox,
+        agent: &assets.agent,
+        init: INIT_SCRIPT,
+        cache: &assets.cache,
+        name: "initramfs",
+    })
+}
+
+/// What goes into a busybox initramfs with the agent.
+pub struct Image<'a> {
+    pub modules_dir: &'a Path,
+    /// Modules to load, their dependencies found and loaded first.
+    pub root_modules: &'a [&'a str],
+    pub busybox: &'a Path,
+    pub agent: &'a Path,
+    /// The init script; `@MODULES@` becomes the modules in load order.
+    pub init: &'a str,
+    pub cache: &'a Path,
+    /// The image file's name before its content hash.
+    pub name: &'a str,
+}
+
+/// Builds the image into the cache, named by its content (written once, so
+/// the archive is reproducible and parallel runs share it).
+pub fn assemble(spec: &Image<'_>) -> Result<PathBuf, String> {
+    let modules = resolve_modules(spec.modules_dir, spec.root_modules)?;
     let mut c = Cpio::new();
     for d in [
         "/bin",
@@ -48,8 +76,8 @@ fn build(assets: &Assets) -> Result<PathBuf, String> {
     // The kernel opens /dev/console for init before devtmpfs is mounted.
     c.char_dev("/dev/console", 0o600, 5, 1);
     let read = |p: &Path| fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
-    c.file("/bin/busybox", 0o755, &read(&assets.busybox)?);
-    c.file("/usr/bin/guest-agent", 0o755, &read(&assets.agent)?);
+    c.file("/bin/busybox", 0o755, &read(spec.busybox)?);
+    c.file("/usr/bin/guest-agent", 0o755, &read(spec.agent)?);
     let mut names = Vec::new();
     for (name, path) in &modules {
         c.file(
@@ -60,24 +88,18 @@ fn build(assets: &Assets) -> Result<PathBuf, String> {
         names.push(name.as_str());
     }
     c.file("/etc/udhcpc.script", 0o755, UDHCPC_SCRIPT.as_bytes());
-    let init = INIT_SCRIPT.replace("@MODULES@", &names.join(" "));
+    let init = spec.init.replace("@MODULES@", &names.join(" "));
     c.file("/init", 0o755, init.as_bytes());
-    // The archive is reproducible: named by its content, written once.
     let bytes = c.finish();
     let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
-    let image = assets.cache.join(format!("initramfs-{hash:016x}.cpio"));
+    let image = spec.cache.join(format!("{}-{hash:016x}.cpio", spec.name));
     if !image.is_file() {
         let tmp = image.with_extension(format!("tmp{}", std::process::id()));
         fs::write(&tmp, &bytes).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
         fs::rename(&tmp, &image).map_err(|e| format!("cannot write {}: {e}", image.display()))?;
     }
-    super::report(format_args!(
-        "vm: initramfs {} with modules {}",
-        image.display(),
-        names.join(" ")
-    ));
     Ok(image)
 }
 
