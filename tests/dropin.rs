@@ -15,67 +15,16 @@ mod pull_manager;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::AgentProcess;
 use pull_manager::{AGENT_PORT, StandIn};
 
 const VM_ID: &str = "6f1c2d3e-4b5a-4c6d-8e7f-0123456789ab";
 
 /// The agent as a child process, killed on drop, its stderr collected.
-struct Agent {
-    child: Child,
-    started: Instant,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Agent {
-    /// `guest-agent ARGS` with no `GUEST_AGENT_*` variables from the caller.
-    fn start(args: &[&str]) -> Agent {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_guest-agent"));
-        for s in guest_agent::config::settings::SETTINGS {
-            cmd.env_remove(s.env());
-        }
-        let started = Instant::now();
-        let mut child = cmd
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start guest-agent");
-        let (stderr, _reader) = common::collect_stderr(&mut child);
-        Agent {
-            child,
-            started,
-            stderr,
-        }
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    fn terminate(mut self) -> String {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.stderr()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The installer's file, as it writes it.
 fn installer_conf(dir: &Path, manager_url: &str) -> PathBuf {
     let path = dir.join("guest-agent.conf");
@@ -107,6 +56,22 @@ fn private_network() -> Result<(), String> {
     Ok(())
 }
 
+/// Moves this thread into a private network namespace; false (after
+/// saying so) when that is not possible here, which fails under `CI=true`.
+fn enter_private_network() -> bool {
+    match private_network() {
+        Ok(()) => true,
+        Err(why) => {
+            assert!(
+                !required(),
+                "a network namespace is required under CI=true: {why}"
+            );
+            report(format_args!("dropin: SKIPPED, no network namespace: {why}"));
+            false
+        }
+    }
+}
+
 fn required() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
@@ -130,12 +95,7 @@ fn report(line: impl std::fmt::Display) {
 
 #[test]
 fn the_installers_file_alone_serves_todays_manager() {
-    if let Err(why) = private_network() {
-        assert!(
-            !required(),
-            "a network namespace is required under CI=true: {why}"
-        );
-        report(format_args!("dropin: SKIPPED, no network namespace: {why}"));
+    if !enter_private_network() {
         return;
     }
     // From here on this thread, the stand-in and the agent see only the
@@ -163,7 +123,7 @@ fn the_installers_file_alone_serves_todays_manager() {
     );
     assert_eq!(printed["vm_id"]["value"], VM_ID);
 
-    let agent = Agent::start(&["--config", conf]);
+    let agent = AgentProcess::spawn(&["--config", conf]);
 
     let first_report =
         manager.wait_for(60, "the guest's address", |m| m.reports().first().cloned());
@@ -178,8 +138,8 @@ fn the_installers_file_alone_serves_todays_manager() {
     });
     report(format_args!(
         "dropin: agent start -> guest-ip report {} ms, -> first successful pull {} ms",
-        (first_report.at - agent.started).as_millis(),
-        (first_pull.at - agent.started).as_millis()
+        (first_report.at - agent.started()).as_millis(),
+        (first_pull.at - agent.started()).as_millis()
     ));
     assert!(collected.memory_total_kb > 0, "{collected:?}");
     assert!(collected.memory_used_kb <= collected.memory_total_kb);
@@ -246,7 +206,7 @@ fn the_installers_file_alone_serves_todays_manager() {
     let (_, health) = get_json(&format!("{base}/health"));
     assert_eq!(health["push_state"], "ok", "{health}");
 
-    let log = agent.terminate();
+    let log = agent.terminate(30);
     assert!(
         log.contains("told the manager the guest's address 127.0.0.1"),
         "{log}"
@@ -269,12 +229,7 @@ fn ip(args: &str) {
 /// names the source address the kernel picks.
 #[test]
 fn a_new_address_is_reported_at_once() {
-    if let Err(why) = private_network() {
-        assert!(
-            !required(),
-            "a network namespace is required under CI=true: {why}"
-        );
-        report(format_args!("dropin: SKIPPED, no network namespace: {why}"));
+    if !enter_private_network() {
         return;
     }
     for a in ["10.88.0.1", "10.77.0.2", "10.77.0.3"] {
@@ -287,7 +242,7 @@ fn a_new_address_is_reported_at_once() {
     );
     let dir = tempfile::tempdir().unwrap();
     let conf = installer_conf(dir.path(), &manager.base_url());
-    let agent = Agent::start(&["--config", conf.to_str().unwrap()]);
+    let agent = AgentProcess::spawn(&["--config", conf.to_str().unwrap()]);
     let first = manager.wait_for(60, "the first address", |m| m.reports().first().cloned());
     assert_eq!(first.guest_ip, "10.77.0.2");
     manager.wait_for(60, "a pull from 10.77.0.2", |m| {
@@ -310,7 +265,7 @@ fn a_new_address_is_reported_at_once() {
         "dropin: address change -> new report {} ms",
         (again.at - changed_at).as_millis()
     ));
-    let log = agent.terminate();
+    let log = agent.terminate(30);
     assert!(
         log.contains("guest address changed from 10.77.0.2 to 10.77.0.3"),
         "reported for the change, not by the periodic refresh:\n{log}"
@@ -330,7 +285,7 @@ fn the_report_is_retried_until_the_manager_answers() {
     let base = format!("http://127.0.0.1:{port}");
     let dir = tempfile::tempdir().unwrap();
     let conf = installer_conf(dir.path(), &base);
-    let agent = Agent::start(&[
+    let agent = AgentProcess::spawn(&[
         "--config",
         conf.to_str().unwrap(),
         "--listen",
@@ -363,7 +318,7 @@ fn the_report_is_retried_until_the_manager_answers() {
         (r.vm_id.as_str(), r.guest_ip.as_str()),
         (VM_ID, "127.0.0.1")
     );
-    let log = agent.terminate();
+    let log = agent.terminate(30);
     assert_eq!(
         log.matches("guest address report failed").count(),
         1,
@@ -382,7 +337,7 @@ fn metrics_without_a_required_figure_is_503() {
         &root,
     );
     std::fs::remove_file(root.join("uptime")).unwrap();
-    let agent = Agent::start(&[
+    let agent = AgentProcess::spawn(&[
         "--config",
         "/nonexistent",
         "--url",

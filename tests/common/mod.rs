@@ -242,6 +242,7 @@ fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Parsed> {
 /// (a panic included), with its stderr collected as it comes.
 pub struct AgentProcess {
     child: std::process::Child,
+    started: Instant,
     stderr: Arc<Mutex<String>>,
     reader: Option<std::thread::JoinHandle<()>>,
 }
@@ -250,16 +251,24 @@ impl AgentProcess {
     /// Starts `guest-agent ARGS` on the fixture proc root with no config
     /// file and the listener off unless `args` says otherwise.
     pub fn start(args: &[&str]) -> AgentProcess {
+        let root = fixture_root();
+        let mut all = vec!["--proc-root", &root, "--config", "/nonexistent"];
+        if !args.contains(&"--listen") {
+            all.extend(["--listen", "off"]);
+        }
+        all.extend_from_slice(args);
+        AgentProcess::spawn(&all)
+    }
+
+    /// Starts `guest-agent ARGS` with nothing else: no default arguments and
+    /// nothing from the caller's environment.
+    pub fn spawn(args: &[&str]) -> AgentProcess {
         use std::process::{Command, Stdio};
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_guest-agent"));
-        cmd.args(["--proc-root", &fixture_root(), "--config", "/nonexistent"]);
-        // Only what the test says: nothing from the caller's environment.
         for s in guest_agent::config::settings::SETTINGS {
             cmd.env_remove(s.env());
         }
-        if !args.contains(&"--listen") {
-            cmd.args(["--listen", "off"]);
-        }
+        let started = Instant::now();
         let mut child = cmd
             .args(args)
             .stdin(Stdio::null())
@@ -270,9 +279,29 @@ impl AgentProcess {
         let (stderr, reader) = collect_stderr(&mut child);
         AgentProcess {
             child,
+            started,
             stderr,
             reader: Some(reader),
         }
+    }
+
+    /// When it was started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Sends SIGTERM and gives it `secs` to exit (it is killed on drop if
+    /// it has not); what it wrote to stderr.
+    pub fn terminate(mut self, secs: u64) -> String {
+        // It may have exited already: then there is nothing to signal.
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.stderr()
     }
 
     /// Everything it wrote to stderr so far.
