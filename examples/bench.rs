@@ -39,7 +39,7 @@ use guest_agent::collect::{
 };
 use guest_agent::config::{self, Format};
 use guest_agent::internals::encode;
-use guest_agent::internals::{Buffer, Outcome, Sender, Shared};
+use guest_agent::internals::{Buffer, Outcome, Sender, Shared, Target};
 use guest_agent::{Collector, Sample};
 
 #[allow(dead_code)] // the probe's process entry points are the example's
@@ -617,7 +617,7 @@ fn push_config(url: &str) -> Res<config::Config> {
 struct PushLoop {
     collector: Collector,
     sender: Sender,
-    url: String,
+    target: Target,
     seq: u64,
 }
 
@@ -626,12 +626,15 @@ impl PushLoop {
         let config = push_config(&url)?;
         let collector = Collector::new(Path::new("/proc"), Some("bench".into()))?;
         let shared = Shared::new(&config);
+        let target = config
+            .resolved_target()
+            .ok_or_else(|| format!("{url}: no push target"))?;
         let sender =
             Sender::new(&config, shared, collector.run_id()).ok_or("pushing is off in config")?;
         Ok(PushLoop {
             collector,
             sender,
-            url,
+            target,
             seq: 0,
         })
     }
@@ -641,7 +644,7 @@ impl PushLoop {
         let mut s = self.collector.collect();
         s.seq = self.seq;
         let batch = [Arc::new(s)];
-        self.sender.send(&self.url, &batch, None)
+        self.sender.send(&self.target, &batch, None)
     }
 }
 
@@ -667,7 +670,7 @@ fn whole_sample(n: usize) -> Res<SampleFigures> {
     let failures = AtomicU64::new(0);
     let fixed = [Arc::new(c.collect())];
     let send_only = measure(n, || {
-        if lp.sender.send(&lp.url, &fixed, None) != Outcome::Delivered {
+        if lp.sender.send(&lp.target, &fixed, None) != Outcome::Delivered {
             failures.fetch_add(1, Ordering::SeqCst);
         }
     });
@@ -724,7 +727,7 @@ fn whole_sample(n: usize) -> Res<SampleFigures> {
     });
     allocs.push(("encode (JSON, into a kept buffer)", a, b));
     let (a, b) = allocs_per(an, || {
-        black_box(lp.sender.send(&lp.url, &fixed, None));
+        black_box(lp.sender.send(&lp.target, &fixed, None));
     });
     allocs.push(("encode + push of one sample (ureq)", a, b));
     let (a, b) = allocs_per(an, || {

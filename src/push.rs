@@ -121,7 +121,7 @@ impl Sender {
                     self.no_route_delay()
                 }
                 Some(target) => {
-                    let outcome = self.send(&target.url, batch.samples(), None);
+                    let outcome = self.send(&target, batch.samples(), None);
                     self.settle(outcome, batch)
                 }
             };
@@ -203,11 +203,17 @@ impl Sender {
     }
 
     /// One POST of `batch` to `url`.
-    pub fn send(&mut self, url: &str, batch: &[Arc<Sample>], timeout: Option<Duration>) -> Outcome {
+    pub fn send(
+        &mut self,
+        target: &Target,
+        batch: &[Arc<Sample>],
+        timeout: Option<Duration>,
+    ) -> Outcome {
+        let url = &target.url;
         encode::encode(batch, self.format, &mut self.body);
         let mut req = self
             .agent
-            .post(&*crate::vsock::request_url(url))
+            .post(&target.request_url)
             .header("Content-Type", encode::content_type(self.format));
         if let Some(auth) = &self.authorization {
             req = req.header("Authorization", auth);
@@ -356,7 +362,7 @@ impl Sender {
                 log::warn!("exiting with {} samples undelivered", shared.buffer.len());
                 return;
             };
-            let outcome = self.send(&target.url, batch.samples(), Some(left));
+            let outcome = self.send(&target, batch.samples(), Some(left));
             if self.settle(outcome, batch).is_some() {
                 log::warn!("exiting with {} samples undelivered", shared.buffer.len());
                 return;

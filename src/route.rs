@@ -48,6 +48,10 @@ pub struct Target {
     pub host: String,
     /// The port (80 when the URL names none).
     pub port: u16,
+    /// The URL handed to the HTTP client: the URL itself, or for `vsock://`
+    /// its HTTP form (the connector knows the peer), worked out once here
+    /// rather than at every request.
+    pub request_url: String,
 }
 
 impl UrlTemplate {
@@ -81,10 +85,13 @@ impl UrlTemplate {
     pub fn resolve(&self, gateway: Option<Ipv4Addr>) -> Option<Target> {
         // vsock: the connector knows the peer; no host or port (docs/vsock.md).
         if crate::vsock::is_vsock(&self.raw) {
+            // The template passed the same parser.
+            let vsock = crate::vsock::VsockUrl::parse(&self.raw).ok()?;
             return Some(Target {
                 url: self.raw.clone(),
                 host: String::new(),
                 port: 0,
+                request_url: vsock.http_url(),
             });
         }
         let url = if self.needs_gateway() {
@@ -139,6 +146,7 @@ fn parse_target(url: &str) -> std::result::Result<Target, String> {
     };
     Ok(Target {
         url: url.to_string(),
+        request_url: url.to_string(),
         host: host.to_string(),
         port,
     })

@@ -17,7 +17,6 @@
 //! reusing it ([`Transport::is_open`]), so the next push opens a new one; a
 //! batch whose request failed stays buffered and is sent again.
 
-use std::borrow::Cow;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::mem::MaybeUninit;
@@ -113,18 +112,6 @@ impl fmt::Display for VsockUrl {
 /// Whether a configured URL is a vsock one.
 pub fn is_vsock(url: &str) -> bool {
     url.starts_with(SCHEME)
-}
-
-/// The URL to give ureq for a resolved push URL: the HTTP form of a vsock
-/// URL, any other URL unchanged.
-pub fn request_url(url: &str) -> Cow<'_, str> {
-    if !is_vsock(url) {
-        return Cow::Borrowed(url);
-    }
-    match VsockUrl::parse(url) {
-        Ok(v) => Cow::Owned(v.http_url()),
-        Err(_) => Cow::Borrowed(url),
-    }
 }
 
 /// An agent whose every connection is an `AF_VSOCK` stream to `url`'s CID
@@ -595,6 +582,13 @@ mod tests {
 
     #[test]
     fn request_urls() {
+        let request_url = |u: &str| {
+            crate::route::UrlTemplate::parse(u)
+                .unwrap()
+                .resolve(None)
+                .unwrap()
+                .request_url
+        };
         assert_eq!(
             request_url("vsock://2:1024/v1/guest-metrics"),
             "http://localhost/v1/guest-metrics"
