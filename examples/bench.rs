@@ -502,18 +502,6 @@ fn file_source<T>(
     })
 }
 
-const NINE_FILES: [&str; 9] = [
-    "stat",
-    "meminfo",
-    "loadavg",
-    "uptime",
-    "net/dev",
-    "diskstats",
-    "pressure/cpu",
-    "pressure/memory",
-    "pressure/io",
-];
-
 /// Named aggregate rows (several sources in one timed iteration).
 type Totals = Vec<(String, Timed)>;
 
@@ -562,8 +550,11 @@ fn per_source(n: usize) -> Res<(Vec<SourceRow>, Totals)> {
     });
 
     // The nine files together: kept open vs opened anew (docs/performance.md).
-    let mut files: Vec<ProcFile> = NINE_FILES.iter().map(|r| ProcFile::new(proc, r)).collect();
-    let paths: Vec<PathBuf> = NINE_FILES.iter().map(|r| proc.join(r)).collect();
+    let mut files: Vec<ProcFile> = floor::NINE_FILES
+        .iter()
+        .map(|r| ProcFile::new(proc, r))
+        .collect();
+    let paths: Vec<PathBuf> = floor::NINE_FILES.iter().map(|r| proc.join(r)).collect();
     let kept = measure(n, || {
         for f in files.iter_mut() {
             let _ = black_box(f.read().map(|b| b.len()));
