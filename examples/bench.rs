@@ -125,6 +125,10 @@ const USAGE: &str = "usage: bench [--quick] [--samples N] [--scrapes N] [--long 
   --scrapes N   node_exporter scrapes (default 500; quick 100)
   --long N      iterations of the in-process memory-growth loop (default 200000, about
                 50 s; quick 10000); --long 1000000 for the million samples of docs/design.md#budgets (about 4 min)
+  --agent-args 'ARGS'  one more guest-agent row in the as-deployed run, with these
+                arguments added (repeatable), to compare settings side by side
+  --agent-bin PATH  one more row: another build of the agent (an earlier commit's
+                static binary), to compare builds in one run (repeatable)
   --only WHAT   run one loop of --samples iterations and print its figure, for a
                 profiler (perf record, valgrind --tool=callgrind): collect, encode, push,
                 floor; `deployed` for the as-deployed table alone, `allocs` for the
@@ -138,6 +142,8 @@ struct Opts {
     child_samples: u64,
     slices: u32,
     only: Option<String>,
+    /// Extra guest-agent rows of the as-deployed run.
+    agent_variants: Vec<deployed::Variant>,
 }
 
 fn opts() -> Res<Opts> {
@@ -150,6 +156,7 @@ fn opts() -> Res<Opts> {
         child_samples: if quick { 50 } else { 1000 },
         slices: if quick { 4 } else { 12 },
         only: None,
+        agent_variants: Vec::new(),
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -165,6 +172,19 @@ fn opts() -> Res<Opts> {
             "--long" => o.long = num("--long")?.max(1000),
             "--slices" => o.slices = num("--slices")?.clamp(1, 1000) as u32,
             "--only" => o.only = Some(it.next().ok_or("--only needs a loop name")?.clone()),
+            "--agent-args" => o.agent_variants.push(deployed::Variant {
+                binary: None,
+                args: it
+                    .next()
+                    .ok_or("--agent-args needs the arguments, quoted as one")?
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .collect(),
+            }),
+            "--agent-bin" => o.agent_variants.push(deployed::Variant {
+                binary: Some(PathBuf::from(it.next().ok_or("--agent-bin needs a path")?)),
+                args: Vec::new(),
+            }),
             "--bench" => {} // passed by `cargo bench`-style runners
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -243,6 +263,16 @@ struct RecvStats {
     body_bytes: AtomicU64,
     /// CPU time of the connection threads, ns (reading, parsing, answering).
     cpu_ns: AtomicU64,
+    /// When the last request arrived: ns since [`since_epoch_ns`]'s epoch.
+    last_at_ns: AtomicU64,
+}
+
+/// Nanoseconds since the first call in this process: one clock for every
+/// receiver and scraper, so that the phases of the contenders' ticks can be
+/// compared.
+fn since_epoch_ns() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
 /// A minimal HTTP/1.1 keep-alive receiver on 127.0.0.1 answering every POST
@@ -368,6 +398,7 @@ fn serve(mut conn: TcpStream, stats: &RecvStats, count_samples: bool) {
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
         }
+        stats.last_at_ns.store(since_epoch_ns(), Ordering::SeqCst);
         let body = &buf[head_len..head_len + body_len];
         if count_samples {
             let n = body.windows(6).filter(|w| w == b"\"seq\":").count();
@@ -1179,6 +1210,7 @@ fn run_deployed(o: &Opts, tmp: &Path) -> Res<deployed::Deployed> {
         CHILD_INTERVAL,
         Duration::from_secs(5),
         o.slices,
+        &o.agent_variants,
         tmp,
     )
 }
@@ -1216,8 +1248,8 @@ fn deployed_tables(d: &deployed::Deployed, md: &mut String) {
         d.slice.as_secs()
     ));
     p(String::new());
-    p("| process | samples | CPU per sample, µs | × floor (whole run) | × floor, per slice: median (min–max) | RSS | threads | body bytes per sample |".into());
-    p("|---|---:|---:|---:|---:|---:|---:|---:|".into());
+    p("| process | samples | CPU per sample, µs | × floor (whole run) | × floor, per slice: median (min–max) | RSS | threads | body bytes per sample | ticks at, ms into the interval |".into());
+    p("|---|---:|---:|---:|---:|---:|---:|---:|---:|".into());
     let floor_us = d.floor().map(|f| f.cpu_us);
     for r in &d.rows {
         let ratio = floor_us.map_or("—".into(), |f| format!("{:.2}×", r.cpu_us / f));
@@ -1230,7 +1262,7 @@ fn deployed_tables(d: &deployed::Deployed, md: &mut String) {
             r.label.clone()
         };
         p(format!(
-            "| {label} | {} | {} | {ratio} | {slices} | {} | {} | {:.0}{} |",
+            "| {label} | {} | {} | {ratio} | {slices} | {} | {} | {:.0}{} | {:.0} |",
             r.samples,
             us(r.cpu_us),
             mib(r.rss_kib),
@@ -1240,7 +1272,8 @@ fn deployed_tables(d: &deployed::Deployed, md: &mut String) {
                 String::new()
             } else {
                 format!(" ({})", r.note)
-            }
+            },
+            r.phase_ms
         ));
     }
     p(String::new());

@@ -15,11 +15,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{NODE_EXPORTER, Receiver, Res, Spawned, dead_port, spawn, wait_for};
+use super::{NODE_EXPORTER, Receiver, Res, Spawned, dead_port, since_epoch_ns, spawn, wait_for};
 
 const COLLECTD: &str = "/usr/sbin/collectd";
 const COLLECTD_PLUGINS: &str = "/usr/lib/collectd";
 const COLLECTD_TYPES: &str = "/usr/share/collectd/types.db";
+
+/// A further guest-agent row: another binary, or other arguments.
+pub struct Variant {
+    pub binary: Option<PathBuf>,
+    pub args: Vec<String>,
+}
 
 /// One process of the comparison.
 pub struct Contender {
@@ -37,6 +43,14 @@ pub enum Feed {
 }
 
 impl Feed {
+    /// When the last sample or scrape arrived ([`since_epoch_ns`]).
+    fn last_at_ns(&self) -> u64 {
+        match self {
+            Feed::Pushed(r) => r.stats.last_at_ns.load(Ordering::SeqCst),
+            Feed::Scraped(s) => s.last_at_ns.load(Ordering::SeqCst),
+        }
+    }
+
     /// (samples or scrapes, body bytes) so far.
     fn counts(&self) -> (u64, u64) {
         match self {
@@ -57,20 +71,24 @@ pub struct Scraper {
     scrapes: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
     failures: Arc<AtomicU64>,
+    last_at_ns: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Scraper {
-    fn start(url: String, interval: Duration) -> Scraper {
+    /// Scrapes `url` every `interval` from `first` on.
+    fn start(url: String, interval: Duration, first: Instant) -> Scraper {
         let scrapes = Arc::new(AtomicU64::new(0));
         let bytes = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(AtomicU64::new(0));
+        let last_at_ns = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (sc, by, fa, st) = (
+        let (sc, by, fa, la, st) = (
             scrapes.clone(),
             bytes.clone(),
             failures.clone(),
+            last_at_ns.clone(),
             stop.clone(),
         );
         let thread = std::thread::spawn(move || {
@@ -79,8 +97,10 @@ impl Scraper {
                 .proxy(None)
                 .build()
                 .into();
-            let mut next = Instant::now();
+            let mut next = first;
+            std::thread::sleep(first.saturating_duration_since(Instant::now()));
             while !st.load(Ordering::SeqCst) {
+                la.store(since_epoch_ns(), Ordering::SeqCst);
                 let got = agent
                     .get(&url)
                     .call()
@@ -114,6 +134,7 @@ impl Scraper {
             scrapes,
             bytes,
             failures,
+            last_at_ns,
             stop,
             thread: Some(thread),
         }
@@ -163,6 +184,8 @@ pub struct Row {
     pub rss_kib: u64,
     pub threads: u64,
     pub bytes_per_sample: f64,
+    /// Where in the interval its samples arrive, ms (median over the slices).
+    pub phase_ms: f64,
     pub note: String,
 }
 
@@ -207,31 +230,69 @@ pub fn run(
     interval: Duration,
     slice: Duration,
     slices: u32,
+    variants: &[Variant],
     tmp: &Path,
 ) -> Res<Deployed> {
     let ms = interval.as_millis();
-    let mut contenders = Vec::new();
+    let mut contenders: Vec<Contender> = Vec::new();
 
-    let r = Receiver::start(true)?;
-    let url = r.url();
-    assert!(url.starts_with("http://127.0.0.1:"), "loopback only");
-    let proc = spawn(
-        "guest-agent",
-        Command::new(agent)
-            .args(["--url", &url, "--interval", &format!("{ms}ms")])
-            .args(["--listen", "off", "--log", "warn"])
-            .args(["--config", "/nonexistent/guest-agent.conf"])
-            .env_clear(),
-        &tmp.join("deployed-agent.log"),
-    )?;
-    contenders.push(Contender {
-        label: "guest-agent (static musl)".into(),
-        proc,
-        feed: Feed::Pushed(r),
-        shown: format!(
-            "`guest-agent --url http://127.0.0.1:PORT/v1/guest-metrics --interval {ms}ms --listen off`"
-        ),
-    });
+    // Each contender ticks in its own slot of the interval. Started
+    // together, their ticks would come in one burst, and whichever woke
+    // first would warm the caches (and the idle CPU) for the rest: in one
+    // such run the same binary cost 699 µs per sample started first and
+    // 455 µs started third. A guest agent wakes alone, so each is measured
+    // alone.
+    let node_exporter = Path::new(NODE_EXPORTER).exists();
+    let collectd =
+        Path::new(COLLECTD).exists() && Path::new(COLLECTD_PLUGINS).join("write_http.so").exists();
+    let count = 1 + variants.len() + 5 + usize::from(node_exporter) + usize::from(collectd);
+    let slot = interval / count as u32;
+    let t0 = Instant::now() + Duration::from_millis(10);
+    let slot_at = |k: usize| {
+        let mut at = t0 + slot * k as u32;
+        while at < Instant::now() {
+            at += interval;
+        }
+        at
+    };
+    let wait_for_slot =
+        |k: usize| std::thread::sleep(slot_at(k).saturating_duration_since(Instant::now()));
+
+    // The shipped agent as configured by default, then any variants asked for.
+    let shipped = Variant {
+        binary: None,
+        args: Vec::new(),
+    };
+    for variant in std::iter::once(&shipped).chain(variants) {
+        let extra = &variant.args;
+        let r = Receiver::start(true)?;
+        let url = r.url();
+        assert!(url.starts_with("http://127.0.0.1:"), "loopback only");
+        wait_for_slot(contenders.len());
+        let proc = spawn(
+            "guest-agent",
+            Command::new(variant.binary.as_deref().unwrap_or(agent))
+                .args(["--url", &url, "--interval", &format!("{ms}ms")])
+                .args(["--listen", "off", "--log", "warn"])
+                .args(["--config", "/nonexistent/guest-agent.conf"])
+                .args(extra)
+                .env_clear(),
+            &tmp.join(format!("deployed-agent-{}.log", contenders.len())),
+        )?;
+        let with = match &variant.binary {
+            Some(b) => format!(" ({})", b.display()),
+            None if extra.is_empty() => String::new(),
+            None => format!(" {}", extra.join(" ")),
+        };
+        contenders.push(Contender {
+            label: format!("guest-agent (static musl){with}"),
+            proc,
+            feed: Feed::Pushed(r),
+            shown: format!(
+                "`guest-agent --url http://127.0.0.1:PORT/v1/guest-metrics --interval {ms}ms --listen off{with}`"
+            ),
+        });
+    }
 
     // The floor, then the floor plus one part of the agent's work each, so
     // that the gap is taken apart in the same run.
@@ -244,6 +305,7 @@ pub fn run(
     ] {
         let r = Receiver::start(false)?;
         let url = r.url();
+        wait_for_slot(contenders.len());
         let proc = spawn(
             label,
             Command::new(floor)
@@ -264,7 +326,7 @@ pub fn run(
         });
     }
 
-    if Path::new(NODE_EXPORTER).exists() {
+    if node_exporter {
         let port = dead_port()?;
         let args = super::node_exporter_args(port);
         let mut proc = spawn(
@@ -294,7 +356,7 @@ pub fn run(
                     .unwrap_or("")
             ),
             proc,
-            feed: Feed::Scraped(Scraper::start(url, interval)),
+            feed: Feed::Scraped(Scraper::start(url, interval, slot_at(contenders.len()))),
             shown: format!(
                 "`prometheus-node-exporter {}`, scraped every {ms} ms",
                 args[1..].join(" ")
@@ -302,7 +364,7 @@ pub fn run(
         });
     }
 
-    if Path::new(COLLECTD).exists() && Path::new(COLLECTD_PLUGINS).join("write_http.so").exists() {
+    if collectd {
         let r = Receiver::start(false)?;
         let dir = tmp.join("collectd");
         std::fs::create_dir_all(&dir)?;
@@ -315,6 +377,7 @@ pub fn run(
                 interval,
             ),
         )?;
+        wait_for_slot(contenders.len());
         let proc = spawn(
             "collectd",
             Command::new(COLLECTD)
@@ -360,6 +423,7 @@ pub fn run(
     let started = Instant::now();
     let mut prev = first.clone();
     let mut slice_us: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut phases: Vec<Vec<f64>> = vec![Vec::new(); n];
     for k in 1..=slices {
         let until = started + slice * k;
         std::thread::sleep(until.saturating_duration_since(Instant::now()));
@@ -367,6 +431,8 @@ pub fn run(
         for i in 0..n {
             let per = per_sample(&contenders[i], &prev[i], &now[i], interval);
             slice_us[i].push(per.0);
+            let at = contenders[i].feed.last_at_ns() % interval.as_nanos() as u64;
+            phases[i].push(at as f64 / 1e6);
         }
         prev = now;
         eprint!(" {}/{slices}", k);
@@ -396,6 +462,11 @@ pub fn run(
             rss_kib: rss,
             threads,
             bytes_per_sample: bytes,
+            phase_ms: {
+                let p = &mut phases[i];
+                p.sort_by(|a, b| a.total_cmp(b));
+                p.get(p.len() / 2).copied().unwrap_or(0.0)
+            },
             note,
         });
     }
