@@ -2,7 +2,7 @@
 //! the sender and the listener on their own threads, and shutdown.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -55,9 +55,14 @@ pub fn start(config: Config) -> Result<Running> {
             .ok()
     });
 
-    if let Some(sender) = Sender::new(&config, shared.clone(), collector.run_id()) {
+    let sender = Sender::new(&config, shared.clone(), collector.run_id())
+        .map(Mutex::new)
+        .map(Arc::new);
+    if let Some(sender) = sender.clone() {
         let stop = running.stop.clone();
-        running.sender = Some(spawn("the push thread", "push", move || sender.run(&stop))?);
+        running.sender = Some(spawn("the push thread", "push", move || {
+            Sender::run(&sender, &stop)
+        })?);
     }
     if let Some(reporter) = crate::guest_ip::Reporter::new(&config, shared.clone()) {
         let stop = running.stop.clone();
@@ -69,7 +74,7 @@ pub fn start(config: Config) -> Result<Running> {
     let restorer = crate::restore::Restorer::new(&config);
     let (sh, st) = (shared.clone(), running.stop.clone());
     running.collector = Some(spawn("the collection thread", "collect", move || {
-        collect_loop(collector, restorer, &sh, &st, interval)
+        collect_loop(collector, restorer, sender.as_deref(), &sh, &st, interval)
     })?);
     log::info!(
         "guest-agent {} started: every {}, {}",
@@ -154,9 +159,15 @@ impl Drop for Running {
 /// moment after its collection, so that one collected in a clone before the
 /// kernel has logged the VM fork is not numbered in the parent's run
 /// (docs/snapshots.md#timing).
+///
+/// When nothing else waits for delivery and the sender is idle, the sample
+/// is sent from this thread, within the time left before the next one, so
+/// that the sender's thread is not woken for it
+/// (docs/performance.md#one-wake-up-per-sample).
 fn collect_loop(
     mut collector: Collector,
     mut restorer: crate::restore::Restorer,
+    sender: Option<&Mutex<Sender>>,
     shared: &Shared,
     stop: &Stop,
     interval: Duration,
@@ -183,9 +194,17 @@ fn collect_loop(
         let errors = collector
             .take_failures_changed()
             .then(|| collector.failures());
-        shared.record(sample, errors);
-
         next += interval;
+        // The sender's lock is free unless its thread is sending.
+        let direct = sender
+            .and_then(|s| s.try_lock().ok())
+            .filter(|s| s.may_send_directly(Instant::now()));
+        let batch = shared.record_claiming(sample, errors, direct.is_some());
+        if let (Some(mut direct), Some(batch)) = (direct, batch) {
+            let budget = next.saturating_duration_since(Instant::now()) / 2;
+            direct.send_directly(batch, budget);
+        }
+
         let now = Instant::now();
         if now > next + interval {
             let behind = (now - next).as_millis() / interval.as_millis().max(1);

@@ -93,7 +93,20 @@ impl Buffer {
     /// in samples or bytes. The sample's `dropped_samples` is set to the
     /// count including those drops. Returns the sample as queued, shared
     /// (the listener serves the same one).
-    pub fn push(&self, mut sample: Sample) -> Arc<Sample> {
+    pub fn push(&self, sample: Sample) -> Arc<Sample> {
+        self.push_claiming(sample, false).0
+    }
+
+    /// [`Buffer::push`]; with `claim`, the new sample is also taken as a
+    /// batch of its own when it is the only one queued and no batch is in
+    /// flight, without waking the sender's thread: the caller sends it
+    /// itself (docs/performance.md#one-wake-up-per-sample). Dropping that
+    /// batch unsent wakes the sender's thread to take it.
+    pub fn push_claiming(
+        &self,
+        mut sample: Sample,
+        claim: bool,
+    ) -> (Arc<Sample>, Option<Batch<'_>>) {
         let size = footprint(&sample);
         let mut g = self.lock();
         while !g.queue.is_empty()
@@ -110,13 +123,23 @@ impl Buffer {
                 g.dropped += 1;
             }
         }
+        let claim = claim && g.queue.is_empty() && g.in_flight.is_none() && !g.closed;
         sample.dropped_samples = g.dropped;
         let sample = Arc::new(sample);
         g.queue.push_back((sample.clone(), size));
         g.bytes += size;
+        if claim {
+            g.in_flight = Some(1);
+            drop(g);
+            let batch = Batch {
+                buffer: self,
+                samples: vec![sample.clone()],
+            };
+            return (sample, Some(batch));
+        }
         drop(g);
         self.ready.notify_all();
-        sample
+        (sample, None)
     }
 
     /// Samples dropped so far because the buffer was full.
@@ -154,12 +177,12 @@ impl Buffer {
         self.max_bytes
     }
 
-    /// The oldest `max` samples, waiting until at least one is there, the
-    /// buffer is closed, or `deadline` passes (an empty batch). They stay in
-    /// the buffer until the batch is settled.
+    /// The oldest `max` samples, waiting until at least one is there and no
+    /// other batch is in flight, the buffer is closed, or `deadline` passes
+    /// (an empty batch). They stay in the buffer until the batch is settled.
     pub fn batch(&self, max: usize, deadline: Option<Instant>) -> Batch<'_> {
         let mut g = self.lock();
-        while g.queue.is_empty() && !g.closed {
+        while (g.queue.is_empty() || g.in_flight.is_some()) && !g.closed {
             g = match deadline {
                 None => self.ready.wait(g).unwrap_or_else(|p| p.into_inner()),
                 Some(d) => {
@@ -173,8 +196,14 @@ impl Buffer {
                 }
             };
         }
-        let samples: Vec<Arc<Sample>> = g.queue.iter().take(max).map(|(s, _)| s.clone()).collect();
-        g.in_flight = (!samples.is_empty()).then_some(samples.len());
+        let samples: Vec<Arc<Sample>> = if g.in_flight.is_some() {
+            Vec::new()
+        } else {
+            g.queue.iter().take(max).map(|(s, _)| s.clone()).collect()
+        };
+        if !samples.is_empty() {
+            g.in_flight = Some(samples.len());
+        }
         Batch {
             buffer: self,
             samples,
@@ -217,7 +246,7 @@ impl Batch<'_> {
     /// The manager answered for these samples (accepted or refused them):
     /// removes them. Those that overflow already dropped are simply no
     /// longer there. Returns how many were removed.
-    pub fn remove(self) -> usize {
+    pub fn remove(mut self) -> usize {
         if self.samples.is_empty() {
             return 0;
         }
@@ -226,18 +255,27 @@ impl Batch<'_> {
         let bytes: usize = g.queue.drain(..n).map(|(_, b)| b).sum();
         g.bytes -= bytes;
         g.evicted_in_flight = 0;
+        drop(g);
+        // Settled: the drop that follows must not touch a batch another
+        // thread may have taken since.
+        self.samples.clear();
         n
-        // Drop runs next and finds nothing in flight.
     }
 }
 
 impl Drop for Batch<'_> {
-    /// Not removed: the samples stay queued, and those evicted meanwhile
-    /// now count as dropped.
+    /// Not removed: the samples stay queued, those evicted meanwhile now
+    /// count as dropped, and a thread waiting for a batch is woken to take
+    /// them (the sender's, when the collection thread did not send them).
     fn drop(&mut self) {
+        if self.samples.is_empty() {
+            return;
+        }
         let mut g = self.buffer.lock();
         if g.in_flight.take().is_some() {
             g.dropped += std::mem::take(&mut g.evicted_in_flight);
+            drop(g);
+            self.buffer.ready.notify_all();
         }
     }
 }
@@ -376,5 +414,34 @@ pub(crate) mod tests {
         let t = std::thread::spawn(move || b2.batch(1, None).is_empty());
         b.close();
         assert!(t.join().unwrap());
+    }
+
+    #[test]
+    fn a_sample_is_claimed_only_when_nothing_else_waits_or_is_in_flight() {
+        let b = Buffer::new(10, ROOMY);
+        let (_, claimed) = b.push_claiming(sample(1), true);
+        let claimed = claimed.expect("alone in the buffer");
+        assert_eq!(seqs(&claimed), vec![1]);
+        // In flight: neither a second claim nor the sender gets it.
+        assert!(b.push_claiming(sample(2), true).1.is_none());
+        let soon = Instant::now() + std::time::Duration::from_millis(20);
+        assert!(b.batch(10, Some(soon)).is_empty());
+        assert_eq!(claimed.remove(), 1);
+        // Sample 2 still waits: the next one is not claimed past it.
+        assert!(b.push_claiming(sample(3), true).1.is_none());
+        assert_eq!(seqs(&b.batch(10, None)), vec![2, 3]);
+    }
+
+    #[test]
+    fn a_claimed_sample_not_sent_wakes_the_sender() {
+        let b = std::sync::Arc::new(Buffer::new(10, ROOMY));
+        let claimed = b.push_claiming(sample(1), true).1;
+        let b2 = b.clone();
+        let sender = std::thread::spawn(move || seqs(&b2.batch(10, None)));
+        // Released unsent (the collection thread gave up on it): the waiting
+        // sender takes it.
+        drop(claimed);
+        assert_eq!(sender.join().unwrap(), vec![1]);
+        assert_eq!(b.len(), 1);
     }
 }

@@ -31,6 +31,7 @@ pub mod sample;
 
 mod backoff;
 mod buffer;
+mod client;
 mod cpu;
 mod encode;
 mod guest_ip;

@@ -11,12 +11,13 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::Sample;
 use crate::backoff::{Backoff, parse_retry_after};
 use crate::buffer::Batch;
+use crate::client::{Client, Error as ClientError};
 use crate::config::{Config, Format};
 use crate::encode;
 use crate::route::{self, Lookups, Target, UrlTemplate};
@@ -27,14 +28,15 @@ use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 
 /// How often a still-failing delivery is summarised in the log.
 pub const FAILURE_SUMMARY_EVERY: Duration = Duration::from_secs(60);
-/// Most bytes of a response body read (and discarded) to keep the connection reusable.
-pub const MAX_RESPONSE_BODY: u64 = 64 * 1024;
 /// How often the route table is read again while there is no default route:
 /// reading it costs microseconds, and the first samples should go out as soon
 /// as DHCP has run.
 pub const NO_ROUTE_POLL: Duration = Duration::from_secs(1);
 /// Shortest time left worth a final request at shutdown.
 const MIN_FLUSH_REQUEST: Duration = Duration::from_millis(50);
+/// Shortest time worth a request from the collection thread; with less
+/// left before the next sample, the sender's thread sends it.
+pub const MIN_DIRECT_BUDGET: Duration = Duration::from_millis(10);
 
 /// What one request came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,13 +56,19 @@ pub enum Outcome {
         retry_after: Option<Duration>,
         /// True for failures below HTTP (connect, reset, timeout).
         transport: bool,
+        /// True when the request ran out of time.
+        timed_out: bool,
     },
 }
 
-/// The sender's state; runs on its own thread.
+/// The sender's state. Its thread ([`Sender::run`]) sends what is queued,
+/// retries and backs off; the collection thread sends a new sample itself
+/// when nothing else is queued ([`Sender::send_directly`]), so that in the
+/// steady state a sample wakes one thread, not two
+/// (docs/performance.md#one-wake-up-per-sample).
 pub struct Sender {
     shared: Arc<Shared>,
-    agent: ureq::Agent,
+    client: Client,
     template: UrlTemplate,
     proc_root: PathBuf,
     format: Format,
@@ -76,17 +84,24 @@ pub struct Sender {
     last_summary: Instant,
     /// The restore generation last acted on (crate::restore).
     restores: u64,
+    /// No request before this (backoff, `Retry-After`, no route yet),
+    /// whichever thread made the last one.
+    retry_at: Option<Instant>,
+    /// Set when a request from the collection thread ran out of the time
+    /// it had: the collection thread sends nothing itself until the sender's
+    /// thread has had an answer within half of it.
+    too_slow_for: Option<Duration>,
 }
 
 impl Sender {
     /// A sender for `config`'s URL; `None` when pushing is off.
     pub fn new(config: &Config, shared: Arc<Shared>, seed: &str) -> Option<Sender> {
         let template = config.url.clone()?;
-        let agent = agent_for(&template, config.timeout);
+        let client = client_for(&template);
         let restores = shared.restores();
         Some(Sender {
             shared,
-            agent,
+            client,
             template,
             proc_root: config.proc_root.clone(),
             format: config.format,
@@ -101,37 +116,115 @@ impl Sender {
             reported_no_route: false,
             last_summary: Instant::now(),
             restores,
+            retry_at: None,
+            too_slow_for: None,
         })
     }
 
-    /// Sends until `stop`, then flushes what is buffered until the request
-    /// timeout has passed since the stop.
-    pub fn run(mut self, stop: &Stop) {
-        let shared = self.shared.clone();
-        self.refresh_target(true);
+    /// The sender's thread: sends what is queued until `stop`, then
+    /// flushes what is buffered until the request timeout has passed since
+    /// the stop. It takes only batches nobody else is sending, so a sample
+    /// the collection thread sends itself does not wake it.
+    pub fn run(sender: &Mutex<Sender>, stop: &Stop) {
+        // Never poisoned in the release build (panic = abort); in tests a
+        // panic elsewhere must not stop delivery: the state stays valid.
+        let lock = || sender.lock().unwrap_or_else(|p| p.into_inner());
+        let (shared, timeout) = {
+            let mut s = lock();
+            s.refresh_target(true);
+            (s.shared.clone(), s.timeout)
+        };
         loop {
-            let batch = shared.buffer.batch(self.batch_limit, None);
+            let limit = lock().batch_limit;
+            let batch = shared.buffer.batch(limit, None);
             if stop.is_set() || batch.is_empty() {
                 break;
             }
-            self.after_restore();
-            let delay = match self.refresh_target(true) {
-                None => {
-                    drop(batch);
-                    self.no_route_delay()
+            let mut s = lock();
+            // A backoff set by either thread's last request.
+            if let Some(at) = s.retry_at.filter(|at| *at > Instant::now()) {
+                drop(batch);
+                drop(s);
+                if stop.wait_until(at) {
+                    break;
                 }
-                Some(target) => {
-                    let outcome = self.send(&target, batch.samples(), None);
-                    self.settle(outcome, batch)
-                }
-            };
-            if let Some(d) = delay
-                && stop.wait(d)
-            {
-                break;
+                continue;
             }
+            s.attempt(batch);
         }
-        self.flush(stop.deadline_after(self.timeout));
+        lock().flush(stop.deadline_after(timeout));
+    }
+
+    /// One request for `batch` from the sender's thread, with everything
+    /// that may come before it: a restore, a new route, a name lookup.
+    fn attempt(&mut self, batch: Batch<'_>) {
+        self.after_restore();
+        let delay = match self.refresh_target(true) {
+            None => {
+                drop(batch);
+                self.no_route_delay()
+            }
+            Some(target) => {
+                let started = Instant::now();
+                let outcome = self.send(&target, batch.samples(), None);
+                if outcome == Outcome::Delivered
+                    && self
+                        .too_slow_for
+                        .is_some_and(|budget| started.elapsed() < budget / 2)
+                {
+                    self.too_slow_for = None;
+                    log::debug!("{}: answering quickly again", target.url);
+                }
+                self.settle(outcome, batch)
+            }
+        };
+        self.retry_at = delay.map(|d| Instant::now() + d);
+    }
+
+    /// Whether the collection thread may send its new sample itself now:
+    /// the target is known and needs no lookup, no backoff is running, no
+    /// restore waits to be handled, and the manager has not been too slow
+    /// for it. Anything else is the sender's thread's work.
+    pub fn may_send_directly(&self, now: Instant) -> bool {
+        self.target.is_some()
+            && !self.resolve_again
+            && self.retry_at.is_none_or(|at| at <= now)
+            && self.too_slow_for.is_none()
+            && self.shared.restores() == self.restores
+    }
+
+    /// Sends `batch` (the sample just collected, alone in the buffer) from
+    /// the collection thread, within `budget`: the time it can spend before
+    /// the next sample is due. A request that runs out of that time, when
+    /// it is shorter than the configured timeout, is not held against the
+    /// manager: the batch goes back to the sender's thread, which sends it
+    /// again with the full timeout (the manager may see it twice, and
+    /// de-duplicates on `run_id` and `seq`), and the collection thread
+    /// leaves requests to it until one is answered within half that time.
+    pub fn send_directly(&mut self, batch: Batch<'_>, budget: Duration) {
+        let Some(target) = self.target.clone().filter(|_| budget >= MIN_DIRECT_BUDGET) else {
+            return; // dropping the batch wakes the sender's thread
+        };
+        let shortened = budget < self.timeout;
+        let outcome = self.send(&target, batch.samples(), shortened.then_some(budget));
+        if shortened
+            && matches!(
+                outcome,
+                Outcome::Retry {
+                    timed_out: true,
+                    ..
+                }
+            )
+        {
+            log::debug!(
+                "{}: no answer within the {budget:?} left before the next sample; the push thread sends it",
+                target.url
+            );
+            self.too_slow_for = Some(budget);
+            return;
+        }
+        let delay = self.settle(outcome, batch);
+        self.retry_at = delay.map(|d| Instant::now() + d);
     }
 
     /// After a snapshot restore (docs/snapshots.md) the kept-alive
@@ -143,7 +236,7 @@ impl Sender {
             return;
         }
         self.restores = restores;
-        self.agent = agent_for(&self.template, self.timeout);
+        self.client.disconnect();
         self.resolve_again = true;
         self.backoff.reset();
         log::info!("restored from a snapshot: new connections, route looked up again");
@@ -202,7 +295,8 @@ impl Sender {
         Some(NO_ROUTE_POLL)
     }
 
-    /// One POST of `batch` to `url`.
+    /// One POST of `batch` to `target`, within `timeout` (the configured
+    /// one when `None`).
     pub fn send(
         &mut self,
         target: &Target,
@@ -211,54 +305,42 @@ impl Sender {
     ) -> Outcome {
         let url = &target.url;
         encode::encode(batch, self.format, &mut self.body);
-        let mut req = self
-            .agent
-            .post(&target.request_url)
-            .header("Content-Type", encode::content_type(self.format));
-        if let Some(auth) = &self.authorization {
-            req = req.header("Authorization", auth);
-        }
-        if let Some(t) = timeout {
-            req = req.config().timeout_global(Some(t)).build();
-        }
-        match req.send(&self.body[..]) {
-            Ok(mut resp) => {
-                let status = resp.status().as_u16();
-                let retry_after = resp
-                    .headers()
-                    .get("retry-after")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(parse_retry_after);
-                // Read the (bounded) body: it keeps the connection reusable,
-                // and a response cut off mid-way is not an answer. Retrying
-                // may deliver twice; the manager de-duplicates on (run_id, seq).
-                if let Err(e) = resp
-                    .body_mut()
-                    .with_config()
-                    .limit(MAX_RESPONSE_BODY)
-                    .read_to_vec()
-                    && !matches!(e, ureq::Error::BodyExceedsLimit(_))
-                {
-                    return Outcome::Retry {
-                        error: format!("{url}: HTTP {status}, then {e}"),
-                        retry_after: None,
-                        transport: true,
-                    };
-                }
-                match status {
-                    200..=299 => Outcome::Delivered,
-                    400 | 413 | 422 => Outcome::Refused(status),
-                    404 => Outcome::NoIngestRoute(format!(
-                        "{url}: HTTP 404: this manager has no ingest route"
-                    )),
-                    _ => Outcome::Retry {
-                        error: format!("{url}: HTTP {status}"),
-                        retry_after,
-                        transport: false,
-                    },
-                }
-            }
+        let content_type = ("Content-Type", encode::content_type(self.format));
+        let answer = match &self.authorization {
+            Some(auth) => self.client.post(
+                target,
+                &[content_type, ("Authorization", auth)],
+                &self.body,
+                timeout.unwrap_or(self.timeout),
+                &self.lookups,
+            ),
+            None => self.client.post(
+                target,
+                &[content_type],
+                &self.body,
+                timeout.unwrap_or(self.timeout),
+                &self.lookups,
+            ),
+        };
+        // A response cut off mid-way is an error of the client, not an
+        // answer: retrying may deliver twice, and the manager de-duplicates
+        // on (run_id, seq).
+        match answer {
+            Ok(answer) => match answer.status {
+                200..=299 => Outcome::Delivered,
+                400 | 413 | 422 => Outcome::Refused(answer.status),
+                404 => Outcome::NoIngestRoute(format!(
+                    "{url}: HTTP 404: this manager has no ingest route"
+                )),
+                status => Outcome::Retry {
+                    error: format!("{url}: HTTP {status}"),
+                    retry_after: answer.retry_after.as_deref().and_then(parse_retry_after),
+                    transport: false,
+                    timed_out: false,
+                },
+            },
             Err(e) => Outcome::Retry {
+                timed_out: matches!(e, ClientError::Timeout(_)),
                 error: format!("{url}: {e}"),
                 retry_after: None,
                 transport: true,
@@ -319,6 +401,7 @@ impl Sender {
                 error,
                 retry_after,
                 transport,
+                ..
             } => {
                 drop(batch);
                 if transport {
@@ -371,8 +454,8 @@ impl Sender {
     }
 }
 
-/// The HTTP client of pushes, with its own connection pool; MMDS requests
-/// use one too, so the binary holds one instance of the HTTP stack.
+/// An HTTP client for the agent's occasional requests (MMDS, the guest
+/// address report to a pull-model manager); pushes use [`Client`].
 pub(crate) fn http_agent(timeout: Duration) -> ureq::Agent {
     ureq::Agent::with_parts(
         agent_config(timeout),
@@ -382,11 +465,15 @@ pub(crate) fn http_agent(timeout: Duration) -> ureq::Agent {
 }
 
 /// The client for a push target: HTTP over TCP, or over an AF_VSOCK
-/// connector for a `vsock://` URL (docs/vsock.md), with the same settings.
-fn agent_for(template: &UrlTemplate, timeout: Duration) -> ureq::Agent {
+/// stream for a `vsock://` URL (docs/vsock.md).
+fn client_for(template: &UrlTemplate) -> Client {
+    let user_agent = format!("guest-agent/{}", crate::AGENT_VERSION);
     match crate::vsock::VsockUrl::parse(template.as_str()) {
-        Ok(vsock) => crate::vsock::agent(agent_config(timeout), &vsock),
-        Err(_) => http_agent(timeout),
+        Ok(vsock) => Client::stream(
+            crate::vsock::StreamConnector::vsock(vsock.cid, vsock.port),
+            user_agent,
+        ),
+        Err(_) => Client::tcp(user_agent),
     }
 }
 

@@ -48,10 +48,12 @@ pub struct Target {
     pub host: String,
     /// The port (80 when the URL names none).
     pub port: u16,
-    /// The URL handed to the HTTP client: the URL itself, or for `vsock://`
-    /// its HTTP form (the connector knows the peer), worked out once here
+    /// The request's `Host` header: the URL's host and port as written, or
+    /// for `vsock://` a stand-in (the connector knows the peer).
+    pub host_header: String,
+    /// The request's path and query. These two are worked out once here
     /// rather than at every request.
-    pub request_url: String,
+    pub path: String,
 }
 
 impl UrlTemplate {
@@ -91,7 +93,8 @@ impl UrlTemplate {
                 url: self.raw.clone(),
                 host: String::new(),
                 port: 0,
-                request_url: vsock.http_url(),
+                host_header: crate::vsock::HTTP_HOST.to_string(),
+                path: vsock.path,
             });
         }
         let url = if self.needs_gateway() {
@@ -146,9 +149,14 @@ fn parse_target(url: &str) -> std::result::Result<Target, String> {
     };
     Ok(Target {
         url: url.to_string(),
-        request_url: url.to_string(),
         host: host.to_string(),
         port,
+        host_header: authority.as_str().to_string(),
+        path: match uri.path_and_query().map(|p| p.as_str()) {
+            Some(p) if p.starts_with('/') => p.to_string(),
+            Some(p) => format!("/{p}"),
+            None => "/".to_string(),
+        },
     })
 }
 

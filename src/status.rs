@@ -194,10 +194,22 @@ impl Shared {
     /// drops) and makes it the latest; `errors`, when given, replaces the
     /// failing sources shown in `/health`.
     pub fn record(&self, sample: Sample, errors: Option<&BTreeMap<&'static str, String>>) {
-        let sample = if self.pushing {
-            self.buffer.push(sample)
+        drop(self.record_claiming(sample, errors, false));
+    }
+
+    /// [`Shared::record`]; with `claim`, the sample comes back as a batch of
+    /// its own when nothing else waits for delivery, for the caller to send
+    /// ([`crate::buffer::Buffer::push_claiming`]).
+    pub fn record_claiming(
+        &self,
+        sample: Sample,
+        errors: Option<&BTreeMap<&'static str, String>>,
+        claim: bool,
+    ) -> Option<crate::buffer::Batch<'_>> {
+        let (sample, batch) = if self.pushing {
+            self.buffer.push_claiming(sample, claim)
         } else {
-            Arc::new(sample)
+            (Arc::new(sample), None)
         };
         let mut st = self.status();
         st.latest = Some(sample);
@@ -208,6 +220,7 @@ impl Shared {
                 .map(|(k, v)| (k.to_string(), v.clone()))
                 .collect();
         }
+        batch
     }
 
     /// Records a snapshot restore; returns the new restore generation.

@@ -1,35 +1,28 @@
 //! Pushing over virtio-vsock, for guests with no network (or one the manager
 //! must not be reached through): `url = vsock://CID:PORT/PATH`.
 //!
-//! The samples still travel as HTTP/1.1 POSTs through the same ureq agent as
-//! `http://` pushes (keep-alive, batching, retry and backoff, `Retry-After`,
-//! token, format: docs/design.md#delivery); only the connection differs. A
-//! [`StreamConnector`] plugged into ureq's transport interface opens an
-//! `AF_VSOCK` stream instead of TCP. On Firecracker, a guest connection to
-//! CID 2 port P reaches the host's Unix socket `<uds_path>_P` (docs/vsock.md).
+//! The samples still travel as HTTP/1.1 POSTs through the push's client
+//! (keep-alive, batching, retry and backoff, `Retry-After`, token, format:
+//! docs/design.md#delivery); only the connection differs. A
+//! [`StreamConnector`] opens an `AF_VSOCK` stream instead of TCP. On
+//! Firecracker, a guest connection to CID 2 port P reaches the host's Unix
+//! socket `<uds_path>_P` (docs/vsock.md).
 //!
 //! The socket calls go through `socket2`: rustix (1.1) has no safe vsock
 //! address type, and building a `sockaddr_vm` by hand would need `unsafe`,
 //! which this crate forbids.
 //!
 //! A vsock connection is reset when the VM is restored from a snapshot and
-//! when the host side restarts. ureq's pool probes an idle connection before
-//! reusing it ([`Transport::is_open`]), so the next push opens a new one; a
-//! batch whose request failed stays buffered and is sent again.
+//! when the host side restarts. The client sends a request that finds its
+//! kept connection closed once more on a new one; a batch whose request
+//! failed stays buffered and is sent again.
 
 use std::fmt;
-use std::io::{self, Read, Write};
-use std::mem::MaybeUninit;
-use std::net::Shutdown;
-use std::sync::{Arc, Weak};
+use std::io;
 use std::time::Duration;
 
 use rustix::io::Errno;
 use socket2::{Domain, SockAddr, Socket, Type};
-use ureq::unversioned::resolver::{ResolvedSocketAddrs, Resolver};
-use ureq::unversioned::transport::{
-    Buffers, ConnectionDetails, Connector, LazyBuffers, NextTimeout, ShutdownHandle, Transport,
-};
 
 /// The URL scheme.
 pub const SCHEME: &str = "vsock://";
@@ -42,7 +35,7 @@ const VMADDR_PORT_ANY: u32 = u32::MAX;
 /// The `Host` header of requests over vsock. There is no host name, and a
 /// Unix-socket server (what Firecracker's host side is) expects `localhost`,
 /// as curl's and Docker's clients send it.
-const HTTP_HOST: &str = "localhost";
+pub const HTTP_HOST: &str = "localhost";
 /// What a vsock URL looks like, for error messages.
 const EXPECTED: &str = "vsock://CID:PORT/PATH with numbers for CID (2 is the host) and PORT";
 
@@ -95,12 +88,6 @@ impl VsockUrl {
         };
         Ok(VsockUrl { cid, port, path })
     }
-
-    /// The URL handed to ureq: plain HTTP with a placeholder host, since
-    /// the connector, not the host name, decides where the bytes go.
-    pub fn http_url(&self) -> String {
-        format!("http://{HTTP_HOST}{}", self.path)
-    }
 }
 
 impl fmt::Display for VsockUrl {
@@ -114,37 +101,10 @@ pub fn is_vsock(url: &str) -> bool {
     url.starts_with(SCHEME)
 }
 
-/// An agent whose every connection is an `AF_VSOCK` stream to `url`'s CID
-/// and port, whatever the request's host.
-pub fn agent(config: ureq::config::Config, url: &VsockUrl) -> ureq::Agent {
-    ureq::Agent::with_parts(
-        config,
-        StreamConnector::vsock(url.cid, url.port),
-        NoResolver,
-    )
-}
-
-/// Resolves nothing: the connector knows its peer, and a name lookup of the
-/// placeholder host would only cost a thread per push.
-#[derive(Debug)]
-struct NoResolver;
-
-impl Resolver for NoResolver {
-    fn resolve(
-        &self,
-        _uri: &ureq::http::Uri,
-        _config: &ureq::config::Config,
-        _timeout: NextTimeout,
-    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
-        // Empty: only TCP, SOCKS and CONNECT connectors read the addresses,
-        // and this agent has none of them.
-        Ok(self.empty())
-    }
-}
-
-/// Opens a stream socket to one fixed address for every connection ureq
-/// asks for: a vsock peer in production, a Unix socket in tests (the same
-/// code path, since a Firecracker host side is a Unix socket).
+/// Opens a stream socket to one fixed address for every connection the
+/// push's client asks for: a vsock peer in production, a Unix socket in
+/// tests (the same code path, since a Firecracker host side is a Unix
+/// socket).
 pub struct StreamConnector {
     domain: Domain,
     addr: SockAddr,
@@ -172,7 +132,8 @@ impl StreamConnector {
         })
     }
 
-    fn open(&self, timeout: NextTimeout) -> Result<Socket, ureq::Error> {
+    /// A connected socket, within `timeout`.
+    pub fn open(&self, timeout: Duration) -> io::Result<Socket> {
         let socket = Socket::new(self.domain, Type::STREAM, None).map_err(|e| {
             let why = if e.raw_os_error() == Some(Errno::AFNOSUPPORT.raw_os_error()) {
                 "this kernel has no vsock support; load the vsock and \
@@ -180,13 +141,10 @@ impl StreamConnector {
             } else {
                 "cannot create the socket"
             };
-            ureq::Error::Io(io::Error::new(e.kind(), format!("{why} ({e})")))
+            io::Error::new(e.kind(), format!("{why} ({e})"))
         })?;
-        let connected = match timeout.not_zero() {
-            Some(t) => socket.connect_timeout(&self.addr, *t),
-            None => socket.connect(&self.addr),
-        };
-        connected.map_err(|e| {
+        socket.set_cloexec(true)?;
+        socket.connect_timeout(&self.addr, timeout).map_err(|e| {
             // ENODEV: the vsock core is there but no transport is (no vsock
             // device, or vmw_vsock_virtio_transport not loaded).
             let hint = if e.raw_os_error() == Some(Errno::NODEV.raw_os_error()) {
@@ -194,11 +152,9 @@ impl StreamConnector {
             } else {
                 ""
             };
-            ureq::Error::Io(io::Error::new(
-                e.kind(),
-                format!("connect to {}: {e}{hint}", self.peer),
-            ))
+            io::Error::new(e.kind(), format!("connect to {}: {e}{hint}", self.peer))
         })?;
+        log::debug!("connected to {}", self.peer);
         Ok(socket)
     }
 }
@@ -211,130 +167,10 @@ impl fmt::Debug for StreamConnector {
     }
 }
 
-impl Connector for StreamConnector {
-    type Out = StreamTransport;
-
-    fn connect(
-        &self,
-        details: &ConnectionDetails,
-        chained: Option<()>,
-    ) -> Result<Option<StreamTransport>, ureq::Error> {
-        // Nothing sits before this connector in its agent's chain.
-        debug_assert!(chained.is_none());
-        let socket = self.open(details.timeout)?;
-        log::debug!("connected to {}", self.peer);
-        let config = details.config;
-        let transport = StreamTransport {
-            socket: Arc::new(SharedSocket(socket)),
-            buffers: LazyBuffers::new(config.input_buffer_size(), config.output_buffer_size()),
-            read_timeout: None,
-            write_timeout: None,
-            peer: self.peer.clone(),
-        };
-        (details.register_shutdown)(Arc::downgrade(&transport.socket) as Weak<dyn ShutdownHandle>)?;
-        Ok(Some(transport))
-    }
-}
-
-/// The socket, shared (weakly) with the agent so that its shutdown can
-/// interrupt a blocked read.
-struct SharedSocket(Socket);
-
-impl ShutdownHandle for SharedSocket {
-    fn shutdown(&self) {
-        // Already closed or shut down: nothing left to interrupt.
-        let _ = self.0.shutdown(Shutdown::Both);
-    }
-}
-
-/// One connection: HTTP/1.1 bytes over a connected stream socket.
-pub struct StreamTransport {
-    socket: Arc<SharedSocket>,
-    buffers: LazyBuffers,
-    read_timeout: Option<Duration>,
-    write_timeout: Option<Duration>,
-    peer: String,
-}
-
-impl fmt::Debug for StreamTransport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StreamTransport")
-            .field("peer", &self.peer)
-            .finish()
-    }
-}
-
-/// The timeout left for one read or write, or the timeout error when none is.
-fn left(timeout: NextTimeout) -> Result<Option<Duration>, ureq::Error> {
-    if timeout.after.is_zero() {
-        return Err(ureq::Error::Timeout(timeout.reason));
-    }
-    Ok(timeout.not_zero().map(|t| *t))
-}
-
-/// A socket timeout surfaces as `WouldBlock` (or `TimedOut`): ureq's own
-/// timeout error says which phase ran out.
-fn io_error(e: io::Error, timeout: NextTimeout) -> ureq::Error {
-    match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ureq::Error::Timeout(timeout.reason),
-        _ => ureq::Error::Io(e),
-    }
-}
-
-impl Transport for StreamTransport {
-    fn buffers(&mut self) -> &mut dyn Buffers {
-        &mut self.buffers
-    }
-
-    fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
-        let timeout = timeout.for_write();
-        let t = left(timeout)?;
-        if t != self.write_timeout {
-            self.socket.0.set_write_timeout(t)?;
-            self.write_timeout = t;
-        }
-        let output = &self.buffers.output()[..amount];
-        (&self.socket.0)
-            .write_all(output)
-            .map_err(|e| io_error(e, timeout))
-    }
-
-    fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
-        let timeout = timeout.for_read();
-        let t = left(timeout)?;
-        if t != self.read_timeout {
-            self.socket.0.set_read_timeout(t)?;
-            self.read_timeout = t;
-        }
-        let input = self.buffers.input_append_buf();
-        let n = loop {
-            match (&self.socket.0).read(input) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                other => break other.map_err(|e| io_error(e, timeout))?,
-            }
-        };
-        self.buffers.input_appended(n);
-        Ok(n > 0)
-    }
-
-    /// An idle connection is usable only if the peer has sent nothing and
-    /// not closed it: a reset (snapshot restore, host-side restart) or an
-    /// end of stream means a new connection.
-    fn is_open(&mut self) -> bool {
-        let socket = &self.socket.0;
-        if socket.set_nonblocking(true).is_err() {
-            return false;
-        }
-        let mut byte = [MaybeUninit::<u8>::uninit()];
-        let idle =
-            matches!(socket.peek(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
-        idle && socket.set_nonblocking(false).is_ok()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
 
     fn ok(raw: &str) -> VsockUrl {
         VsockUrl::parse(raw).unwrap_or_else(|e| panic!("{raw}: {e}"))
@@ -356,7 +192,6 @@ mod tests {
             }
         );
         assert_eq!(u.to_string(), "vsock://2:1024/v1/guest-metrics");
-        assert_eq!(u.http_url(), "http://localhost/v1/guest-metrics");
     }
 
     #[test]
@@ -478,21 +313,24 @@ mod tests {
         rx
     }
 
-    fn unix_agent(path: &std::path::Path) -> ureq::Agent {
-        let config = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(10)))
-            .http_status_as_error(false)
-            .proxy(None)
-            .build();
-        ureq::Agent::with_parts(config, StreamConnector::unix(path).unwrap(), NoResolver)
+    fn unix_agent(path: &std::path::Path) -> crate::client::Client {
+        crate::client::Client::stream(StreamConnector::unix(path).unwrap(), "test".into())
     }
 
-    fn post(agent: &ureq::Agent, body: &str) -> Result<u16, ureq::Error> {
-        agent
-            .post("http://localhost/v1/guest-metrics")
-            .header("Authorization", "Bearer t0ken")
-            .send(body)
-            .map(|r| r.status().as_u16())
+    fn post(client: &mut crate::client::Client, body: &str) -> Result<u16, crate::client::Error> {
+        let target = crate::route::UrlTemplate::parse("vsock://2:1024/v1/guest-metrics")
+            .unwrap()
+            .resolve(None)
+            .unwrap();
+        client
+            .post(
+                &target,
+                &[("Authorization", "Bearer t0ken")],
+                body.as_bytes(),
+                Duration::from_secs(10),
+                &crate::route::Lookups::default(),
+            )
+            .map(|a| a.status)
     }
 
     const WAIT: Duration = Duration::from_secs(30);
@@ -511,9 +349,9 @@ mod tests {
             std::os::unix::net::UnixListener::bind(&path).unwrap(),
             false,
         );
-        let agent = unix_agent(&path);
+        let mut agent = unix_agent(&path);
         for body in ["[1]", "[2]", "[3]"] {
-            assert_eq!(post(&agent, body).unwrap(), 204);
+            assert_eq!(post(&mut agent, body).unwrap(), 204);
         }
         let got: Vec<Seen> = (0..3).map(|_| seen.recv_timeout(WAIT).unwrap()).collect();
         assert!(got.iter().all(|s| s.conn == 0), "one connection: {got:?}");
@@ -534,22 +372,22 @@ mod tests {
     fn a_closed_connection_is_replaced_at_the_next_request() {
         let (_dir, path) = socket_path();
         let seen = serve(std::os::unix::net::UnixListener::bind(&path).unwrap(), true);
-        let agent = unix_agent(&path);
+        let mut agent = unix_agent(&path);
         for body in ["[1]", "[2]"] {
-            assert_eq!(post(&agent, body).unwrap(), 204);
+            assert_eq!(post(&mut agent, body).unwrap(), 204);
             // The server has closed by the time it reports the request, so
             // the pooled connection is closed (as after a snapshot restore).
             seen.recv_timeout(WAIT).unwrap();
         }
-        assert_eq!(post(&agent, "[3]").unwrap(), 204);
+        assert_eq!(post(&mut agent, "[3]").unwrap(), 204);
         assert_eq!(seen.recv_timeout(WAIT).unwrap().conn, 2);
     }
 
     #[test]
     fn a_missing_host_side_is_a_connect_error_then_a_new_one_is_used() {
         let (_dir, path) = socket_path();
-        let agent = unix_agent(&path);
-        let e = post(&agent, "[1]").unwrap_err().to_string();
+        let mut agent = unix_agent(&path);
+        let e = post(&mut agent, "[1]").unwrap_err().to_string();
         assert!(
             e.contains("connect to unix socket") && e.contains("vm.vsock_1024"),
             "{e}"
@@ -558,7 +396,7 @@ mod tests {
             std::os::unix::net::UnixListener::bind(&path).unwrap(),
             false,
         );
-        assert_eq!(post(&agent, "[1]").unwrap(), 204);
+        assert_eq!(post(&mut agent, "[1]").unwrap(), 204);
         assert_eq!(seen.recv_timeout(WAIT).unwrap().body, b"[1]");
     }
 
@@ -581,19 +419,27 @@ mod tests {
     }
 
     #[test]
-    fn request_urls() {
-        let request_url = |u: &str| {
-            crate::route::UrlTemplate::parse(u)
+    fn request_lines_and_host_headers() {
+        let target = |u: &str| {
+            let t = crate::route::UrlTemplate::parse(u)
                 .unwrap()
                 .resolve(None)
-                .unwrap()
-                .request_url
+                .unwrap();
+            (t.host_header, t.path)
         };
         assert_eq!(
-            request_url("vsock://2:1024/v1/guest-metrics"),
-            "http://localhost/v1/guest-metrics"
+            target("vsock://2:1024/v1/guest-metrics?vm=a"),
+            ("localhost".into(), "/v1/guest-metrics?vm=a".into())
         );
-        assert_eq!(request_url("http://10.0.2.2:9/x"), "http://10.0.2.2:9/x");
+        assert_eq!(
+            target("http://10.0.2.2:9/x?y=1"),
+            ("10.0.2.2:9".into(), "/x?y=1".into())
+        );
+        assert_eq!(
+            target("http://[fd00::1]/"),
+            ("[fd00::1]".into(), "/".into())
+        );
+        assert_eq!(target("http://h"), ("h".into(), "/".into()));
         assert!(is_vsock("vsock://2:1024/x") && !is_vsock("http://x/"));
     }
 }

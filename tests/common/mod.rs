@@ -285,6 +285,11 @@ impl AgentProcess {
         }
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// When it was started.
     pub fn started(&self) -> Instant {
         self.started
