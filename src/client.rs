@@ -1,16 +1,17 @@
-//! The push's HTTP/1.1 client (docs/design.md#delivery): one kept-alive
-//! connection to the target, a POST with a `Content-Length` body written in
-//! one system call, and the answer's head parsed by `httparse`.
+//! The agent's HTTP/1.1 client (docs/design.md#delivery): pushes, the MMDS
+//! requests, the guest-address report and `--health`. One kept-alive
+//! connection to the target, the request's head and body written in one
+//! system call, and the answer's head parsed by `httparse`.
 //!
-//! It replaced ureq for pushes because a push is the agent's most frequent
-//! request and, as deployed (one sample every few seconds, every cache cold),
-//! ureq's request path cost more CPU than parsing the whole sample
-//! (docs/performance.md#the-push-client). What it leaves out is what a push
-//! never needs: TLS, proxies, redirects, cookies, compression, a connection
-//! pool. A response body is read only to keep the connection (up to
-//! [`MAX_RESPONSE_BODY`] bytes with a `Content-Length`); any other body
-//! (chunked, unbounded, larger) ends the connection instead, which HTTP
-//! always allows.
+//! It replaced ureq because a push is the agent's most frequent request and,
+//! as deployed (one sample every few seconds, every cache cold), ureq's
+//! request path cost more CPU than parsing the whole sample
+//! (docs/performance.md#the-http-client). What it leaves out is what these
+//! requests never need: TLS, proxies, redirects, cookies, compression, a
+//! connection pool. An answer's body is read when its `Content-Length` is
+//! at most [`MAX_RESPONSE_BODY`], or up to that much until the connection
+//! closes when it gives no length; a chunked or larger body ends the
+//! connection unread, which HTTP always allows.
 //!
 //! The request's timeout is one deadline for everything (connect, write,
 //! answer), as ureq's global timeout was. The socket's timeouts are set
@@ -38,13 +39,24 @@ const MAX_HEADERS: usize = 48;
 /// answer never needs the call.
 const TIMEOUT_SLACK: Duration = Duration::from_millis(20);
 
-/// What the manager answered.
+/// What the server answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
     /// The status code (never 1xx: interim answers are skipped).
     pub status: u16,
     /// The `Retry-After` header, as given.
     pub retry_after: Option<String>,
+}
+
+/// How the answer's body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// `Content-Length` (0 for statuses that have no body).
+    Length(usize),
+    /// Chunked: not decoded.
+    Chunked,
+    /// Up to the connection's end.
+    UntilClose,
 }
 
 /// Why a request got no answer.
@@ -89,6 +101,8 @@ pub struct Client {
     user_agent: String,
     head: Vec<u8>,
     input: Input,
+    /// Where the last answer's body is in `input`, when it was read.
+    body: Option<std::ops::Range<usize>>,
 }
 
 impl fmt::Debug for Client {
@@ -128,6 +142,7 @@ impl Client {
             user_agent,
             head: Vec::with_capacity(512),
             input: Input::new(),
+            body: None,
         }
     }
 
@@ -137,9 +152,7 @@ impl Client {
         self.connection = None;
     }
 
-    /// POSTs `body` to `target` with `headers`, within `timeout`. A kept
-    /// connection the peer has closed meanwhile is replaced and the request
-    /// sent once more; any other failure is returned.
+    /// POSTs `body` to `target`: [`Client::request`].
     pub fn post(
         &mut self,
         target: &Target,
@@ -148,8 +161,25 @@ impl Client {
         timeout: Duration,
         lookups: &Lookups,
     ) -> Result<Answer, Error> {
+        self.request("POST", target, headers, body, timeout, lookups)
+    }
+
+    /// Sends `method` to `target` with `headers` and `body`, within
+    /// `timeout`. A kept connection the peer has closed meanwhile is
+    /// replaced and the request sent once more; any other failure is
+    /// returned. The answer's body, when read, is [`Client::body`].
+    pub fn request(
+        &mut self,
+        method: &str,
+        target: &Target,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        timeout: Duration,
+        lookups: &Lookups,
+    ) -> Result<Answer, Error> {
         let deadline = Instant::now() + timeout;
-        self.write_head(target, headers, body.len());
+        self.body = None;
+        self.write_head(method, target, headers, body.len());
         let reused = self
             .connection
             .as_ref()
@@ -164,11 +194,17 @@ impl Client {
         }
     }
 
-    fn write_head(&mut self, target: &Target, headers: &[(&str, &str)], len: usize) {
+    /// The last answer's body, when it was read whole.
+    pub fn body(&self) -> Option<&[u8]> {
+        self.body.clone().map(|r| &self.input.buf[r])
+    }
+
+    fn write_head(&mut self, method: &str, target: &Target, headers: &[(&str, &str)], len: usize) {
         let h = &mut self.head;
         h.clear();
         for part in [
-            "POST ",
+            method,
+            " ",
             &target.path,
             " HTTP/1.1\r\nHost: ",
             &target.host_header,
@@ -182,8 +218,12 @@ impl Client {
                 h.extend_from_slice(part.as_bytes());
             }
         }
-        // Writing into a Vec cannot fail.
-        let _ = write!(h, "\r\nContent-Length: {len}\r\n\r\n");
+        // A GET with no body says nothing of one. Writing into a Vec cannot
+        // fail.
+        if len > 0 || method != "GET" {
+            let _ = write!(h, "\r\nContent-Length: {len}");
+        }
+        h.extend_from_slice(b"\r\n\r\n");
     }
 
     /// One request on the kept connection (or a new one); on failure, the
@@ -212,10 +252,11 @@ impl Client {
         };
         let result = exchange_on(conn, &self.head, body, &mut self.input, deadline);
         match result {
-            Ok((answer, keep)) => {
+            Ok((answer, body, keep)) => {
                 if !keep {
                     self.connection = None;
                 }
+                self.body = body;
                 Ok(answer)
             }
             Err(e) => {
@@ -281,15 +322,20 @@ fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
-/// Writes the request and reads the answer on `conn`. Returns the answer
-/// and whether the connection can be kept.
+/// An answer, where its body is in the input buffer if it was read, and
+/// whether the connection can be kept.
+type Exchanged = (Answer, Option<std::ops::Range<usize>>, bool);
+
+/// Writes the request and reads the answer on `conn`. Returns the answer,
+/// where its body is in `input` if it was read, and whether the connection
+/// can be kept.
 fn exchange_on(
     conn: &mut Connection,
     head: &[u8],
     body: &[u8],
     input: &mut Input,
     deadline: Instant,
-) -> Result<(Answer, bool), (Stage, Error)> {
+) -> Result<Exchanged, (Stage, Error)> {
     let io = |stage: Stage, what: &'static str| {
         move |e: io::Error| {
             if is_timeout(&e) {
@@ -325,14 +371,14 @@ fn exchange_on(
     // The answer's head; interim (1xx) answers are skipped.
     input.filled = 0;
     let mut stage = Stage::Waiting;
-    let (answer, head_len, body_len, keep) = loop {
+    let (answer, head_len, framing, keep) = loop {
         let parsed = parse_head(input.bytes()).map_err(|e| (stage, Error::Io(e)))?;
-        if let Some((answer, head_len, body_len, keep)) = parsed {
+        if let Some((answer, head_len, framing, keep)) = parsed {
             if (100..200).contains(&answer.status) {
                 input.consume(head_len);
                 continue;
             }
-            break (answer, head_len, body_len, keep);
+            break (answer, head_len, framing, keep);
         }
         if input.filled >= MAX_RESPONSE_HEAD {
             return Err((
@@ -361,30 +407,37 @@ fn exchange_on(
         stage = Stage::Reading;
     };
 
-    // The body, read only to keep the connection, and only if it is small.
-    let Some(body_len) = body_len
-        .filter(|n| *n <= MAX_RESPONSE_BODY)
-        .filter(|_| keep)
-    else {
-        return Ok((answer, false));
+    // The body: read when it is small and framed, to keep the connection
+    // and for callers that want it.
+    let total = match framing {
+        Framing::Length(n) if n <= MAX_RESPONSE_BODY => head_len + n,
+        Framing::UntilClose => head_len + MAX_RESPONSE_BODY,
+        Framing::Length(_) | Framing::Chunked => return Ok((answer, None, false)),
     };
-    let total = head_len + body_len;
     while input.filled < total {
         let got = read_more(conn, input, total, deadline, "reading the answer's body")
             .map_err(|e| (Stage::Reading, e))?;
-        if got == 0 {
-            return Err((
-                Stage::Reading,
-                Error::Io(format!(
-                    "HTTP {}, then the connection closed in the body",
-                    answer.status
-                )),
-            ));
+        if got > 0 {
+            continue;
         }
+        if framing == Framing::UntilClose {
+            return Ok((answer, Some(head_len..input.filled), false));
+        }
+        return Err((
+            Stage::Reading,
+            Error::Io(format!(
+                "HTTP {}, then the connection closed in the body",
+                answer.status
+            )),
+        ));
+    }
+    if framing == Framing::UntilClose {
+        // Still open after the most that is read: the body is not whole.
+        return Ok((answer, None, false));
     }
     // Bytes beyond the answer were not asked for: the connection is not in
     // a state to be trusted again.
-    Ok((answer, input.filled == total))
+    Ok((answer, Some(head_len..total), keep && input.filled == total))
 }
 
 /// The answer's bytes as read: a zero-filled buffer and how much of it holds
@@ -443,11 +496,10 @@ fn read_more(
     }
 }
 
-/// The answer's status, `Retry-After`, where its head ends, its body's
-/// length when it gives one (none for chunked or read-to-close bodies), and
-/// whether the connection may be kept. `None` until the head is complete.
-#[allow(clippy::type_complexity)]
-fn parse_head(bytes: &[u8]) -> Result<Option<(Answer, usize, Option<usize>, bool)>, String> {
+/// The answer's status, `Retry-After`, where its head ends, how its body is
+/// framed, and whether the connection may be kept. `None` until the head is
+/// complete.
+fn parse_head(bytes: &[u8]) -> Result<Option<(Answer, usize, Framing, bool)>, String> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     let head_len = match resp.parse(bytes) {
@@ -458,6 +510,7 @@ fn parse_head(bytes: &[u8]) -> Result<Option<(Answer, usize, Option<usize>, bool
     let status = resp.code.unwrap_or(0);
     let mut keep = resp.version == Some(1);
     let mut length = None;
+    let mut chunked = false;
     let mut retry_after = None;
     for h in resp.headers.iter() {
         let value = std::str::from_utf8(h.value).unwrap_or("").trim();
@@ -467,7 +520,8 @@ fn parse_head(bytes: &[u8]) -> Result<Option<(Answer, usize, Option<usize>, bool
                 Err(_) => return Err(format!("bad Content-Length {value:?}")),
             }
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            // Chunked: not decoded; the connection is given up instead.
+            // Not decoded; the connection is given up instead.
+            chunked = true;
             keep = false;
         } else if h.name.eq_ignore_ascii_case("connection") {
             if value
@@ -480,21 +534,24 @@ fn parse_head(bytes: &[u8]) -> Result<Option<(Answer, usize, Option<usize>, bool
             retry_after = Some(value.to_string());
         }
     }
-    // No body by definition, whatever the headers say.
-    if status == 204 || status == 304 || (100..200).contains(&status) {
-        length = Some(0);
-    }
-    // Neither a length nor chunked: the body runs to the connection's end.
-    if length.is_none() {
+    let framing = if status == 204 || status == 304 || (100..200).contains(&status) {
+        // No body by definition, whatever the headers say.
+        Framing::Length(0)
+    } else if chunked {
+        Framing::Chunked
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
         keep = false;
-    }
+        Framing::UntilClose
+    };
     Ok(Some((
         Answer {
             status,
             retry_after,
         },
         head_len,
-        length,
+        framing,
         keep,
     )))
 }
@@ -505,7 +562,7 @@ mod tests {
     use std::net::TcpListener;
     use std::sync::mpsc;
 
-    fn head(text: &str) -> (Answer, usize, Option<usize>, bool) {
+    fn head(text: &str) -> (Answer, usize, Framing, bool) {
         parse_head(text.as_bytes())
             .unwrap()
             .unwrap_or_else(|| panic!("incomplete: {text:?}"))
@@ -514,9 +571,12 @@ mod tests {
     #[test]
     fn answer_heads() {
         let (a, len, body, keep) = head("HTTP/1.1 204 No Content\r\n\r\n");
-        assert_eq!((a.status, len, body, keep), (204, 27, Some(0), true));
+        assert_eq!(
+            (a.status, len, body, keep),
+            (204, 27, Framing::Length(0), true)
+        );
         let (a, _, body, keep) = head("HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n");
-        assert_eq!((a.status, body, keep), (200, Some(12), true));
+        assert_eq!((a.status, body, keep), (200, Framing::Length(12), true));
         let (a, _, _, keep) = head(
             "HTTP/1.1 503 Busy\r\nRetry-After: 7\r\nConnection: keep-alive, close\r\nContent-Length: 0\r\n\r\n",
         );
@@ -525,10 +585,10 @@ mod tests {
             (503, Some("7"), false)
         );
         // Chunked or read-to-close bodies are not read: the connection goes.
-        let (_, _, _, keep) = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
-        assert!(!keep);
+        let (_, _, body, keep) = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert_eq!((body, keep), (Framing::Chunked, false));
         let (_, _, body, keep) = head("HTTP/1.1 200 OK\r\n\r\n");
-        assert_eq!((body, keep), (None, false));
+        assert_eq!((body, keep), (Framing::UntilClose, false));
         let (_, _, _, keep) = head("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n");
         assert!(!keep, "HTTP/1.0 closes unless told otherwise");
         assert_eq!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Le").unwrap(), None);

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::client::Client;
 use crate::config::Config;
-use crate::push::http_agent;
 use crate::route::{self, Lookups, UrlTemplate};
 use crate::status::Shared;
 use crate::stop::Stop;
@@ -32,9 +32,6 @@ pub const RETRY_EVERY: Duration = Duration::from_secs(5);
 pub const REFRESH_EVERY: Duration = Duration::from_secs(30);
 /// How often the guest's address is looked at; a change is reported at once.
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
-/// Most bytes of a response read (and thrown away).
-const MAX_RESPONSE_BODY: u64 = 16 * 1024;
-
 /// The path under the manager's base URL, around the VM id.
 fn report_url(base: &str, vm_id: &str) -> String {
     format!("{}/v1/vms/{vm_id}/guest-ip", base.trim_end_matches('/'))
@@ -157,7 +154,7 @@ pub struct Reporter {
     vm_id: String,
     proc_root: PathBuf,
     timeout: Duration,
-    agent: ureq::Agent,
+    client: Client,
     lookups: Lookups,
     /// The manager's address, kept between attempts for the address check.
     manager: Option<SocketAddr>,
@@ -185,16 +182,16 @@ impl Reporter {
             );
             return None;
         };
-        // The push's client settings: only the manager, no proxy, no
+        // The agent's one HTTP client: only the manager, no proxy, no
         // redirects, a deadline on the whole request.
-        let agent = http_agent(config.timeout);
+        let client = Client::tcp(format!("guest-agent/{}", crate::AGENT_VERSION));
         Some(Reporter {
             shared,
             template,
             vm_id,
             proc_root: config.proc_root.clone(),
             timeout: config.timeout,
-            agent,
+            client,
             lookups: Lookups::default(),
             manager: None,
             current: None,
@@ -231,7 +228,7 @@ impl Reporter {
         if restores != self.restores {
             self.restores = restores;
             self.restore_pending = true;
-            self.agent = http_agent(self.timeout);
+            self.client.disconnect();
             self.manager = None;
             self.reported = None;
         }
@@ -339,30 +336,32 @@ impl Reporter {
         Ok(report_url(&target.url, &self.vm_id))
     }
 
-    fn post(&self, url: &str, ip: IpAddr) -> Result<(), String> {
+    fn post(&mut self, url: &str, ip: IpAddr) -> Result<(), String> {
+        let target = UrlTemplate::parse(url)
+            .ok()
+            .and_then(|t| t.resolve(None))
+            .ok_or_else(|| format!("{url}: not a URL the client can ask"))?;
         // An address's text needs no JSON escaping.
         let body = format!("{{\"guest_ip\":\"{ip}\"}}");
-        let mut resp = self
-            .agent
-            .post(url)
-            .header("Content-Type", "application/json")
-            .send(body.as_bytes())
+        let answer = self
+            .client
+            .post(
+                &target,
+                &[("Content-Type", "application/json")],
+                body.as_bytes(),
+                self.timeout,
+                &self.lookups,
+            )
             .map_err(|e| format!("{url}: {e}"))?;
-        let status = resp.status().as_u16();
-        let text = resp
-            .body_mut()
-            .with_config()
-            .limit(MAX_RESPONSE_BODY)
-            .read_to_vec()
-            .unwrap_or_default();
-        match status {
+        let text = String::from_utf8_lossy(self.client.body().unwrap_or_default());
+        match answer.status {
             200..=299 => Ok(()),
-            400 | 404 | 422 => Err(format!(
+            status @ (400 | 404 | 422) => Err(format!(
                 "{url}: HTTP {status} {}: does the manager know this VM as {:?}?",
-                String::from_utf8_lossy(&text[..text.len().min(200)]).trim(),
+                text.chars().take(200).collect::<String>().trim(),
                 self.vm_id
             )),
-            _ => Err(format!("{url}: HTTP {status}")),
+            status => Err(format!("{url}: HTTP {status}")),
         }
     }
 }

@@ -1,5 +1,5 @@
-//! A minimal stderr logger for the `log` facade (already in the tree through
-//! ureq): one line per event, `2026-11-26T05:26:12Z WARN message`.
+//! A minimal stderr logger for the `log` facade: one line per event,
+//! `2026-11-26T05:26:12Z WARN message`.
 
 use std::io::Write;
 
@@ -14,7 +14,8 @@ impl log::Log for StderrLogger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        // Only our own crate speaks above debug; ureq's internals stay quiet.
+        // Only our own crate speaks above debug; dependencies' internals stay
+        // quiet.
         if record.level() > log::Level::Info && !record.target().starts_with("guest_agent") {
             return;
         }

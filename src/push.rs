@@ -9,7 +9,6 @@
 //! have moved it. Logging follows state changes plus a periodic summary, so a
 //! long outage does not flood the log.
 
-use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,8 +22,6 @@ use crate::encode;
 use crate::route::{self, Lookups, Target, UrlTemplate};
 use crate::status::Shared;
 use crate::stop::Stop;
-use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
-use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 
 /// How often a still-failing delivery is summarised in the log.
 pub const FAILURE_SUMMARY_EVERY: Duration = Duration::from_secs(60);
@@ -454,16 +451,6 @@ impl Sender {
     }
 }
 
-/// An HTTP client for the agent's occasional requests (MMDS, the guest
-/// address report to a pull-model manager); pushes use [`Client`].
-pub(crate) fn http_agent(timeout: Duration) -> ureq::Agent {
-    ureq::Agent::with_parts(
-        agent_config(timeout),
-        DefaultConnector::new(),
-        LiteralResolver::default(),
-    )
-}
-
 /// The client for a push target: HTTP over TCP, or over an AF_VSOCK
 /// stream for a `vsock://` URL (docs/vsock.md).
 fn client_for(template: &UrlTemplate) -> Client {
@@ -474,109 +461,5 @@ fn client_for(template: &UrlTemplate) -> Client {
             user_agent,
         ),
         Err(_) => Client::tcp(user_agent),
-    }
-}
-
-fn agent_config(timeout: Duration) -> ureq::config::Config {
-    ureq::Agent::config_builder()
-        .timeout_global(Some(timeout))
-        .http_status_as_error(false)
-        // Samples go to the manager and nowhere else: no proxy from the
-        // environment, no redirects.
-        .proxy(None)
-        .max_redirects(0)
-        .user_agent(format!("guest-agent/{}", crate::AGENT_VERSION))
-        .build()
-}
-
-/// Resolves an address-literal host (the gateway's address, the usual
-/// target) at once, and hands a host name to ureq's own resolver.
-///
-/// With a timeout set, ureq's resolver looks every name up on a new thread,
-/// even an address literal, and even when the request then reuses a pooled
-/// connection: a thread spawned per push cost more CPU than collecting the
-/// whole sample (examples/bench.rs). A host name keeps that behaviour, since
-/// a lookup can block for longer than the timeout.
-#[derive(Debug, Default)]
-struct LiteralResolver(DefaultResolver);
-
-impl Resolver for LiteralResolver {
-    fn resolve(
-        &self,
-        uri: &ureq::http::Uri,
-        config: &ureq::config::Config,
-        timeout: NextTimeout,
-    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
-        let literal = uri.host().and_then(|h| {
-            // An IPv6 literal keeps its brackets in the URI's host.
-            let h = h
-                .strip_prefix('[')
-                .and_then(|h| h.strip_suffix(']'))
-                .unwrap_or(h);
-            h.parse::<IpAddr>().ok()
-        });
-        let port = uri.port_u16().or(match uri.scheme_str() {
-            Some("http") => Some(80),
-            Some("https") => Some(443),
-            _ => None,
-        });
-        match (literal, port) {
-            (Some(ip), Some(port)) => {
-                let mut addrs = self.0.empty();
-                addrs.push(SocketAddr::new(ip, port));
-                Ok(addrs)
-            }
-            _ => self.0.resolve(uri, config, timeout),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use ureq::unversioned::transport::time::Duration as UreqDuration;
-
-    fn resolve(url: &str) -> Vec<SocketAddr> {
-        let uri: ureq::http::Uri = url.parse().unwrap();
-        let timeout = NextTimeout {
-            after: UreqDuration::NotHappening,
-            reason: ureq::Timeout::Global,
-            per_read: None,
-            per_write: None,
-        };
-        let config = ureq::config::Config::default();
-        LiteralResolver::default()
-            .resolve(&uri, &config, timeout)
-            .unwrap()
-            .iter()
-            .copied()
-            .collect()
-    }
-
-    #[test]
-    fn address_literals_resolve_to_themselves() {
-        assert_eq!(
-            resolve("http://10.0.2.2:18080/v1/guest-metrics"),
-            vec!["10.0.2.2:18080".parse().unwrap()]
-        );
-        assert_eq!(
-            resolve("http://10.0.2.2/v1/guest-metrics"),
-            vec!["10.0.2.2:80".parse().unwrap()]
-        );
-        assert_eq!(
-            resolve("http://[fd00::1]:18080/x"),
-            vec!["[fd00::1]:18080".parse().unwrap()]
-        );
-    }
-
-    #[test]
-    fn host_names_go_to_the_system_resolver() {
-        let addrs = resolve("http://localhost:18080/x");
-        assert!(!addrs.is_empty());
-        assert!(
-            addrs
-                .iter()
-                .all(|a| a.ip().is_loopback() && a.port() == 18080)
-        );
     }
 }

@@ -2,9 +2,9 @@
 //! default gateway from `<proc_root>/net/route`, and the guest's own source
 //! address toward the target (docs/design.md#configuration).
 //!
-//! URLs are parsed in one place, here, with the `http` crate's parser (the
-//! one ureq itself uses), so what the configuration accepts is exactly what
-//! the HTTP client can send to.
+//! URLs are parsed in one place, here, with the `http` crate's parser, into
+//! the parts the HTTP client sends (src/client.rs), so what the
+//! configuration accepts is exactly what the client can send to.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::path::Path;
@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use http::Uri;
 use procfs::{FromRead, net::RouteEntries};
-use ureq::http::Uri;
 
 use crate::collect::ProcFile;
 use crate::error::{Error, Result};

@@ -212,7 +212,7 @@ fn a_failed_check_stops_the_agent_with_sigterm_and_notes_why() {
     assert_eq!(status.signal(), Some(15), "SIGTERM first: {status:?}");
     assert!(
         log.contains(&format!(
-            "WARN  openrc: health check failed (unhealthy: http://{addr}/health: cannot connect"
+            "WARN  openrc: health check failed (unhealthy: http://{addr}/health: connect to {addr}: "
         )),
         "{log}"
     );

@@ -13,7 +13,9 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use crate::client::Client;
 use crate::error::{Error, Result};
+use crate::route::{Lookups, UrlTemplate};
 
 /// Where Firecracker's MMDS answers unless the host chose another address.
 pub const DEFAULT_ADDR: SocketAddr =
@@ -30,9 +32,6 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Lifetime asked for the session token: it is used at once and dropped.
 pub const TOKEN_TTL_SECONDS: u32 = 60;
-
-/// Largest token or document read.
-pub const MAX_BODY: u64 = 64 * 1024;
 
 /// Settings MMDS may not set: where the agent reads its own sources from.
 const NOT_FROM_MMDS: [&str; 4] = ["proc_root", "mmds", "kmsg", "token_file"];
@@ -339,30 +338,49 @@ impl Reader<'_> {
 /// `GET /guest_agent` as JSON. Each request is bounded by [`REQUEST_TIMEOUT`].
 pub fn fetch(addr: SocketAddr) -> Result<Document> {
     let base = format!("http://{addr}");
-    // The push client: no proxy, no redirects, statuses as values. One
-    // client type in the binary instead of two (docs/snapshots.md#cost).
-    let agent = crate::push::http_agent(REQUEST_TIMEOUT);
+    // The agent's one HTTP client: no proxy, no redirects, statuses as
+    // values, one deadline per request.
+    let mut client = Client::tcp(format!("guest-agent/{}", crate::AGENT_VERSION));
+    let lookups = Lookups::default();
     let err = |url: &str, reason: String| Error::Network {
         target: url.to_string(),
         reason: format!("mmds: {reason}"),
     };
+    let target = |url: &str| {
+        UrlTemplate::parse(url)
+            .ok()
+            .and_then(|t| t.resolve(None))
+            .ok_or_else(|| err(url, "not a URL the client can ask".into()))
+    };
+    // The status and the whole body (an answer cut off or too long is an
+    // error, not an empty document).
+    let mut ask = |method: &str, url: &str, headers: &[(&str, &str)]| {
+        let answer = client
+            .request(
+                method,
+                &target(url)?,
+                headers,
+                b"",
+                REQUEST_TIMEOUT,
+                &lookups,
+            )
+            .map_err(|e| err(url, e.to_string()))?;
+        let body = client.body().ok_or_else(|| {
+            err(
+                url,
+                format!(
+                    "HTTP {}, with a body that is chunked or over {} bytes",
+                    answer.status,
+                    crate::client::MAX_RESPONSE_BODY
+                ),
+            )
+        })?;
+        Ok::<_, Error>((answer.status, body.to_vec()))
+    };
 
     let token_url = format!("{base}/latest/api/token");
-    let mut resp = agent
-        .put(&token_url)
-        .header(
-            "X-metadata-token-ttl-seconds",
-            TOKEN_TTL_SECONDS.to_string(),
-        )
-        .send_empty()
-        .map_err(|e| err(&token_url, e.to_string()))?;
-    let status = resp.status().as_u16();
-    let token = resp
-        .body_mut()
-        .with_config()
-        .limit(MAX_BODY)
-        .read_to_vec()
-        .map_err(|e| err(&token_url, format!("HTTP {status}, then {e}")))?;
+    let ttl = TOKEN_TTL_SECONDS.to_string();
+    let (status, token) = ask("PUT", &token_url, &[("X-metadata-token-ttl-seconds", &ttl)])?;
     if status != 200 {
         return Err(err(
             &token_url,
@@ -379,19 +397,11 @@ pub fn fetch(addr: SocketAddr) -> Result<Document> {
     }
 
     let doc_url = format!("{base}/{KEY}");
-    let mut resp = agent
-        .get(&doc_url)
-        .header("X-metadata-token", token)
-        .header("Accept", "application/json")
-        .call()
-        .map_err(|e| err(&doc_url, e.to_string()))?;
-    let status = resp.status().as_u16();
-    let body = resp
-        .body_mut()
-        .with_config()
-        .limit(MAX_BODY)
-        .read_to_vec()
-        .map_err(|e| err(&doc_url, format!("HTTP {status}, then {e}")))?;
+    let (status, body) = ask(
+        "GET",
+        &doc_url,
+        &[("X-metadata-token", token), ("Accept", "application/json")],
+    )?;
     match status {
         200 => parse_document(&body).map_err(|e| err(&doc_url, e)),
         // No key for the agent (or nothing put into MMDS yet): no settings.
