@@ -751,7 +751,7 @@ fn whole_sample(n: usize) -> Res<SampleFigures> {
     let (a, b) = allocs_per(an, || {
         black_box(lp.sender.send(&lp.target, &fixed, None));
     });
-    allocs.push(("encode + push of one sample (ureq)", a, b));
+    allocs.push(("encode + push of one sample (src/client.rs)", a, b));
     let (a, b) = allocs_per(an, || {
         black_box(lp.once());
     });
@@ -1674,7 +1674,7 @@ fn run(o: &Opts, tmp: &Path) -> Res<()> {
         ));
     }
     p(String::new());
-    p("Whole-process CPU per sample: the child's utime+stime over its run (clock ticks), divided by its samples: the cost as deployed, with caches cold at every interval, thread wake-ups and the sender's hand-off included, unlike the hot loops above.".into());
+    p("Whole-process CPU per sample: the child's utime+stime over its run (clock ticks), divided by its samples: the cost as deployed, with caches cold at every interval, thread wake-ups included, unlike the hot loops above.".into());
     p(String::new());
     p("In this process (the bench itself, so absolute RSS includes the bench):".into());
     p(String::new());
