@@ -28,7 +28,8 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use crate::route::{Lookups, Target};
 use crate::vsock::StreamConnector;
 
-/// Most bytes of a response body read (and discarded) to keep the connection.
+/// Most bytes of an answer's body read: to keep the connection (a push
+/// throws them away) or for the caller ([`Client::body`]).
 pub const MAX_RESPONSE_BODY: usize = 64 * 1024;
 /// Most bytes of a response head.
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
@@ -199,6 +200,9 @@ impl Client {
         self.body.clone().map(|r| &self.input.buf[r])
     }
 
+    /// Header values are not escaped: each is checked where it comes from
+    /// (the token is printable ASCII without spaces, the path and host are
+    /// what `http::Uri` accepted, the rest are constants).
     fn write_head(&mut self, method: &str, target: &Target, headers: &[(&str, &str)], len: usize) {
         let h = &mut self.head;
         h.clear();
@@ -285,8 +289,8 @@ impl Client {
 }
 
 fn connect_tcp(addr: SocketAddr, timeout: Duration) -> io::Result<Socket> {
+    // socket2 opens it close-on-exec.
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_cloexec(true)?;
     socket.connect_timeout(&SockAddr::from(addr), timeout)?;
     // The request goes out in one write; the answer should not wait on Nagle.
     socket.set_tcp_nodelay(true)?;
@@ -476,7 +480,7 @@ fn read_more(
     what: &'static str,
 ) -> Result<usize, Error> {
     if input.filled == input.buf.len() {
-        let grown = (input.buf.len() * 2).clamp(4096, want.max(input.filled + 1));
+        let grown = (input.buf.len() * 2).min(want).max(input.filled + 1);
         input.buf.resize(grown, 0);
     }
     loop {

@@ -143,7 +143,6 @@ impl StreamConnector {
             };
             io::Error::new(e.kind(), format!("{why} ({e})"))
         })?;
-        socket.set_cloexec(true)?;
         socket.connect_timeout(&self.addr, timeout).map_err(|e| {
             // ENODEV: the vsock core is there but no transport is (no vsock
             // device, or vmw_vsock_virtio_transport not loaded).
