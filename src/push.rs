@@ -199,11 +199,19 @@ impl Sender {
     /// de-duplicates on `run_id` and `seq`), and the collection thread
     /// leaves requests to it until one is answered within half that time.
     pub fn send_directly(&mut self, batch: Batch<'_>, budget: Duration) {
-        let Some(target) = self.target.clone().filter(|_| budget >= MIN_DIRECT_BUDGET) else {
+        // Taken out for the request and put back: a clone would copy its
+        // four strings at every sample.
+        let Some(target) = self.target.take() else {
             return; // dropping the batch wakes the sender's thread
         };
+        if budget < MIN_DIRECT_BUDGET {
+            self.target = Some(target);
+            return;
+        }
         let shortened = budget < self.timeout;
         let outcome = self.send(&target, batch.samples(), shortened.then_some(budget));
+        self.target = Some(target);
+        let target = self.target.as_ref().map_or("", |t| t.url.as_str());
         if shortened
             && matches!(
                 outcome,
@@ -214,8 +222,7 @@ impl Sender {
             )
         {
             log::debug!(
-                "{}: no answer within the {budget:?} left before the next sample; the push thread sends it",
-                target.url
+                "{target}: no answer within the {budget:?} left before the next sample; the push thread sends it"
             );
             self.too_slow_for = Some(budget);
             return;
