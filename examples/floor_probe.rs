@@ -132,13 +132,7 @@ fn run() -> Result<(), String> {
             }
             Err(_) => {}
         }
-        next += interval;
-        let now = Instant::now();
-        if next > now {
-            std::thread::sleep(next - now);
-        } else {
-            next = now;
-        }
+        floor::wait_for_next_tick(&mut next, interval);
         std::hint::black_box(parsed);
     }
 }

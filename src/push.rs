@@ -309,23 +309,23 @@ impl Sender {
     ) -> Outcome {
         let url = &target.url;
         encode::encode(batch, self.format, &mut self.body);
-        let content_type = ("Content-Type", encode::content_type(self.format));
-        let answer = match &self.authorization {
-            Some(auth) => self.client.post(
-                target,
-                &[content_type, ("Authorization", auth)],
-                &self.body,
-                timeout.unwrap_or(self.timeout),
-                &self.lookups,
-            ),
-            None => self.client.post(
-                target,
-                &[content_type],
-                &self.body,
-                timeout.unwrap_or(self.timeout),
-                &self.lookups,
-            ),
+        let auth = self.authorization.as_deref().unwrap_or("");
+        let headers = [
+            ("Content-Type", encode::content_type(self.format)),
+            ("Authorization", auth),
+        ];
+        let headers = if auth.is_empty() {
+            &headers[..1]
+        } else {
+            &headers[..]
         };
+        let answer = self.client.post(
+            target,
+            headers,
+            &self.body,
+            timeout.unwrap_or(self.timeout),
+            &self.lookups,
+        );
         // A response cut off mid-way is an error of the client, not an
         // answer: retrying may deliver twice, and the manager de-duplicates
         // on (run_id, seq).

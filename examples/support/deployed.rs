@@ -122,13 +122,7 @@ impl Scraper {
                         fa.fetch_add(1, Ordering::SeqCst);
                     }
                 }
-                next += interval;
-                let now = Instant::now();
-                if next > now {
-                    std::thread::sleep(next - now);
-                } else {
-                    next = now;
-                }
+                super::floor::wait_for_next_tick(&mut next, interval);
             }
         });
         Scraper {

@@ -1,23 +1,21 @@
 //! The floor probe: only the work no collector of the sample can avoid.
 //!
 //! One thread; the nine /proc files of a sample kept open and re-read from
-//! offset 0 until end of file (as the agent's `ProcFile` does); the proc
-//! root's directory kept open and listed with `getdents64` (as the agent's
-//! process count does); and one fixed body POSTed on a kept-alive loopback
+//! offset 0 until end of file (as the agent's `ProcFile` does); the
+//! processes counted by the agent's own `ProcessCounter` (the proc root kept
+//! open and listed with `getdents64`); and one fixed body POSTed on a kept-alive loopback
 //! connection, its answer read. No parsing, no JSON, no allocation after the
 //! first round. It is what the agent's cost is compared with
 //! (docs/performance.md).
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::mem::MaybeUninit;
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use rustix::fs::{Mode, OFlags, RawDir, SeekFrom};
+use guest_agent::collect::processes::ProcessCounter;
 
 /// The nine files every sample reads.
 pub const NINE_FILES: [&str; 9] = [
@@ -39,8 +37,7 @@ pub const BODY_BYTES: usize = 900;
 pub struct Floor {
     files: Vec<File>,
     buf: Vec<u8>,
-    dir: OwnedFd,
-    dents: Vec<u8>,
+    processes: ProcessCounter,
     addr: SocketAddr,
     request: Vec<u8>,
     conn: Option<TcpStream>,
@@ -59,11 +56,10 @@ impl Floor {
             .iter()
             .map(|f| File::open(proc_root.join(f)))
             .collect::<std::io::Result<Vec<File>>>()?;
-        let dir = rustix::fs::open(
-            proc_root,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
+        // The agent's own counter: the same kept-open directory and
+        // reused `getdents64` buffer, and nothing more.
+        let mut processes = ProcessCounter::new(proc_root);
+        processes.count()?;
         let mut body = b"[{\"schema\":1".to_vec();
         while body.len() < BODY_BYTES - 2 {
             body.extend_from_slice(b",\"f\":0");
@@ -79,8 +75,7 @@ impl Floor {
         Ok(Floor {
             files,
             buf: vec![0; 64 * 1024],
-            dir,
-            dents: Vec::with_capacity(8192),
+            processes,
             addr,
             request,
             conn: None,
@@ -127,18 +122,7 @@ impl Floor {
 
     /// Numeric entries of the proc root.
     pub fn count_processes(&mut self) -> std::io::Result<u64> {
-        rustix::fs::seek(&self.dir, SeekFrom::Start(0))?;
-        let buf: &mut [MaybeUninit<u8>] = self.dents.spare_capacity_mut();
-        let mut entries = RawDir::new(&self.dir, buf);
-        let mut n = 0;
-        while let Some(entry) = entries.next() {
-            let entry = entry?;
-            let name = entry.file_name().to_bytes();
-            if !name.is_empty() && name.iter().all(u8::is_ascii_digit) {
-                n += 1;
-            }
-        }
-        Ok(n)
+        self.processes.count()
     }
 
     /// Posts through a ureq agent set up as the agent's sender is (global
@@ -206,5 +190,17 @@ impl Floor {
                 return Err(std::io::Error::other("answer too long"));
             }
         }
+    }
+}
+
+/// Sleeps until the tick after `next` on a fixed cadence, or resumes from
+/// now when the last round ran past it: the probe's and the scraper's loop.
+pub fn wait_for_next_tick(next: &mut Instant, interval: Duration) {
+    *next += interval;
+    let now = Instant::now();
+    if *next > now {
+        std::thread::sleep(*next - now);
+    } else {
+        *next = now;
     }
 }
