@@ -3,8 +3,8 @@
 //! One thread; the nine /proc files of a sample kept open and re-read from
 //! offset 0 until end of file (as the agent's `ProcFile` does); the
 //! processes counted by the agent's own `ProcessCounter` (the proc root kept
-//! open and listed with `getdents64`); and one fixed body POSTed on a kept-alive loopback
-//! connection, its answer read. No parsing, no JSON, no allocation after the
+//! open and listed with `getdents64`); and one fixed body POSTed on a
+//! kept-alive loopback connection, its answer read. No parsing, no JSON, no allocation after the
 //! first round. It is what the agent's cost is compared with
 //! (docs/performance.md).
 
