@@ -167,8 +167,17 @@ struct Received {
     fingerprint: u64,
 }
 
-/// Parses a POST body into samples; no state is touched.
-fn parse(body: &[u8]) -> Result<Vec<Received>, Refusal> {
+/// Parses and validates a POST body into its samples, oldest first, with
+/// no de-duplication: for a receiver whose store de-duplicates itself (a
+/// unique key on `run_id` and `seq`, as a database table can have). The
+/// refusal carries the status the delivery contract gives it.
+pub fn parse(body: &[u8]) -> Result<Vec<Sample>, Refusal> {
+    Ok(parse_received(body)?.into_iter().map(|r| r.sample).collect())
+}
+
+/// Parses a POST body into samples with their fingerprints; no state is
+/// touched.
+fn parse_received(body: &[u8]) -> Result<Vec<Received>, Refusal> {
     check_length(body.len() as u64)?;
     let value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| Refusal::malformed(format!("body is not JSON: {e}")))?;
@@ -381,7 +390,7 @@ impl Ingest {
         };
         // Pairs earlier in this same body count as seen.
         let mut in_body: HashMap<(String, u64), u64> = HashMap::new();
-        for r in parse(body)? {
+        for r in parse_received(body)? {
             let (run_id, seq) = (&r.sample.run_id, r.sample.seq);
             let verdict = match in_body.get(&(run_id.clone(), seq)) {
                 Some(&fp) if fp == r.fingerprint => Verdict::Duplicate,
