@@ -39,7 +39,7 @@ use guest_agent::collect::{
 };
 use guest_agent::config::{self, Format};
 use guest_agent::internals::encode;
-use guest_agent::internals::{Buffer, Outcome, Sender, Shared, Target};
+use guest_agent::internals::{Buffer, Outcome, Sender, Status, Target};
 use guest_agent::{Collector, Sample};
 
 #[allow(dead_code)] // the probe's process entry points are the example's
@@ -647,12 +647,13 @@ impl PushLoop {
     fn new(url: String) -> Res<PushLoop> {
         let config = push_config(&url)?;
         let collector = Collector::new(Path::new("/proc"), Some("bench".into()))?;
-        let shared = Shared::new(&config);
+        let status = Arc::new(Status::new(config.interval, true, Vec::new(), None));
+        let buffer = Arc::new(Buffer::new(config.buffer, config.buffer_max_bytes));
         let target = config
             .resolved_target()
             .ok_or_else(|| format!("{url}: no push target"))?;
-        let sender =
-            Sender::new(&config, shared, collector.run_id()).ok_or("pushing is off in config")?;
+        let sender = Sender::new(&config, status, buffer, collector.run_id())
+            .ok_or("pushing is off in config")?;
         Ok(PushLoop {
             collector,
             sender,

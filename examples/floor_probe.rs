@@ -13,8 +13,8 @@
 //! between the floor and the agent can be taken apart: `--parse` parses every
 //! file with the collector's own (procfs-based) functions, `--handoff` posts
 //! from a second thread woken for each sample, as the agent's sender is,
-//! `--ureq` posts the same fixed body through a ureq agent configured as the
-//! agent's sender is.
+//! `--ureq` posts the same fixed body through ureq with the agent's own
+//! client (the floor for the crates the agent is built on).
 //! Only loopback addresses are accepted.
 
 use std::net::SocketAddr;
@@ -80,14 +80,14 @@ fn run() -> Result<(), String> {
         || floor::Floor::new(&root, addr, path).map_err(|e| format!("{}: {e}", root.display()));
     let mut probe = open()?;
     if use_ureq {
-        probe.use_ureq(&url);
+        probe.use_ureq(&url).map_err(|e| format!("{url}: {e}"))?;
     }
     // The hand-off: a flag and a condition variable, as the agent's buffer.
     let pending = Arc::new((Mutex::new(false), Condvar::new()));
     if handoff {
         let mut poster = open()?;
         if use_ureq {
-            poster.use_ureq(&url);
+            poster.use_ureq(&url).map_err(|e| format!("{url}: {e}"))?;
         }
         let pending = pending.clone();
         std::thread::spawn(move || {

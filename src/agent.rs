@@ -1,25 +1,33 @@
 //! The running agent: collection on a fixed cadence on the monotonic clock,
-//! the sender and the listener on their own threads, and shutdown.
+//! the sender, the listener and the address report on their own threads,
+//! and shutdown. This is where the stages are wired together; none of them
+//! knows the others (docs/design.md#data-flow-and-modules).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::Collector;
+use crate::collect::Collector;
 use crate::config::Config;
+use crate::deliver::buffer::Buffer;
+use crate::deliver::push::Sender;
 use crate::error::{Error, Result};
-use crate::push::Sender;
-use crate::status::{Health, Shared};
+use crate::net::address::source_address;
+use crate::sample::{AGENT_VERSION, Sample};
+use crate::serve::listener::{self, Listener, View};
+use crate::status::{Health, Status};
 use crate::stop::Stop;
+use crate::vm::guest_ip::{self, Reporter};
+use crate::vm::restore::{self, Restorer};
 
 /// An agent running in this process.
 pub struct Running {
-    shared: Arc<Shared>,
+    view: View,
     stop: Arc<Stop>,
     collector: Option<JoinHandle<()>>,
     sender: Option<JoinHandle<()>>,
-    listener: Option<crate::listener::Listener>,
+    listener: Option<Listener>,
     guest_ip: Option<JoinHandle<()>>,
 }
 
@@ -28,19 +36,29 @@ pub struct Running {
 /// error is returned.
 pub fn start(config: Config) -> Result<Running> {
     let collector = Collector::new(&config.proc_root, config.vm_id.clone())?;
-    let shared = Shared::new(&config);
+    let status = Arc::new(Status::new(
+        config.interval,
+        config.url.is_some(),
+        config.errors.clone(),
+        guest_ip::initial_report(&config),
+    ));
+    let buffer = Arc::new(Buffer::new(config.buffer, config.buffer_max_bytes));
     // Known before the first sample when the target is an address; a host
-    // name is looked up later, by the sender, with a deadline.
+    // name is looked up later, by the sender's thread.
     let guest_ip = config
         .resolved_target()
         .and_then(|t| t.literal())
-        .and_then(|a| crate::route::source_address(a).ok())
+        .and_then(|a| source_address(a).ok())
         .map(|ip| ip.to_string());
-    shared.status().set_target(None, guest_ip);
+    status.set_target(None, guest_ip);
+    let view = View {
+        status: status.clone(),
+        buffer: buffer.clone(),
+    };
     // From here on, dropping `running` (an early return) stops every thread
     // started so far: none is left waiting on a buffer nobody fills.
     let mut running = Running {
-        shared: shared.clone(),
+        view: view.clone(),
         stop: Arc::new(Stop::new()),
         collector: None,
         sender: None,
@@ -50,12 +68,12 @@ pub fn start(config: Config) -> Result<Running> {
 
     // A listener that cannot bind (port taken) must not stop pushing.
     running.listener = config.listen.and_then(|addr| {
-        crate::listener::spawn(addr, shared.clone())
+        listener::spawn(addr, view)
             .map_err(|e| log::error!("listener: {e}; going on without it"))
             .ok()
     });
 
-    let sender = Sender::new(&config, shared.clone(), collector.run_id())
+    let sender = Sender::new(&config, status.clone(), buffer.clone(), collector.run_id())
         .map(Mutex::new)
         .map(Arc::new);
     if let Some(sender) = sender.clone() {
@@ -64,21 +82,27 @@ pub fn start(config: Config) -> Result<Running> {
             Sender::run(&sender, &stop)
         })?);
     }
-    if let Some(reporter) = crate::guest_ip::Reporter::new(&config, shared.clone()) {
+    if let Some(reporter) = Reporter::new(&config, status.clone()) {
         let stop = running.stop.clone();
         running.guest_ip = Some(spawn("the guest-address thread", "guest-ip", move || {
             reporter.run(&stop)
         })?);
     }
     let interval = config.interval;
-    let restorer = crate::restore::Restorer::new(&config);
-    let (sh, st) = (shared.clone(), running.stop.clone());
+    let restorer = Restorer::new(&config);
+    let stop = running.stop.clone();
     running.collector = Some(spawn("the collection thread", "collect", move || {
-        collect_loop(collector, restorer, sender.as_deref(), &sh, &st, interval)
+        let out = Out {
+            status: &status,
+            // With pushing off nothing would ever take a sample out of the
+            // buffer, which would only count drops.
+            buffer: sender.is_some().then_some(&*buffer),
+            sender: sender.as_deref(),
+        };
+        collect_loop(collector, restorer, &out, &stop, interval)
     })?);
     log::info!(
-        "guest-agent {} started: every {}, {}",
-        crate::AGENT_VERSION,
+        "guest-agent {AGENT_VERSION} started: every {}, {}",
         humantime::format_duration(interval),
         config
             .url
@@ -105,12 +129,12 @@ fn spawn(
 impl Running {
     /// What `/health` would say now.
     pub fn health(&self) -> Health {
-        self.shared.health()
+        self.view.health()
     }
 
     /// The latest sample, as `/metrics` would serve it.
-    pub fn latest(&self) -> Option<Arc<crate::Sample>> {
-        self.shared.latest()
+    pub fn latest(&self) -> Option<Arc<Sample>> {
+        self.view.status.latest()
     }
 
     /// The listener's bound address, if it runs.
@@ -123,7 +147,7 @@ impl Running {
     /// thread. Returns what `/health` says after all that.
     pub fn stop(mut self) -> Health {
         self.shutdown();
-        self.shared.health()
+        self.view.health()
     }
 
     fn shutdown(&mut self) {
@@ -131,7 +155,7 @@ impl Running {
         if let Some(t) = self.collector.take() {
             let _ = t.join();
         }
-        self.shared.buffer.close();
+        self.view.buffer.close();
         if let Some(t) = self.sender.take() {
             let _ = t.join();
         }
@@ -150,6 +174,14 @@ impl Drop for Running {
     }
 }
 
+/// Where the collection thread hands each sample: the status, the buffer
+/// (when pushing), and the sender for a sample it sends itself.
+struct Out<'a> {
+    status: &'a Status,
+    buffer: Option<&'a Buffer>,
+    sender: Option<&'a Mutex<Sender>>,
+}
+
 /// Collects every `interval` from the first tick, on the monotonic clock, so
 /// samples do not drift. If the loop falls more than an interval behind (the
 /// VM was paused, or restored from a snapshot) it resumes from now instead of
@@ -166,15 +198,14 @@ impl Drop for Running {
 /// (docs/performance.md#one-wake-up-per-sample).
 fn collect_loop(
     mut collector: Collector,
-    mut restorer: crate::restore::Restorer,
-    sender: Option<&Mutex<Sender>>,
-    shared: &Shared,
+    mut restorer: Restorer,
+    out: &Out<'_>,
     stop: &Stop,
     interval: Duration,
 ) {
     let mut next = Instant::now();
     let mut seq = 0;
-    let settle = crate::restore::settle(interval);
+    let settle = restore::settle(interval);
     loop {
         if stop.wait_until(next) {
             return;
@@ -183,23 +214,28 @@ fn collect_loop(
         if restorer.is_watching() {
             // Stopping during the wait still records the sample.
             stop.wait(settle);
-            if restorer.check(&mut collector, shared) {
+            if restorer.check(&mut collector, out.status) {
                 collector.relabel(&mut sample);
                 seq = 0;
             }
         }
         seq += 1;
         sample.seq = seq;
-        sample.guest_ip = shared.status().guest_ip().map(str::to_string);
+        sample.guest_ip = out.status.guest_ip();
         let errors = collector
             .take_failures_changed()
             .then(|| collector.failures());
         next += interval;
         // The sender's lock is free unless its thread is sending.
-        let direct = sender
+        let direct = out
+            .sender
             .and_then(|s| s.try_lock().ok())
             .filter(|s| s.may_send_directly(Instant::now()));
-        let batch = shared.record_claiming(sample, errors, direct.is_some());
+        let (sample, batch) = match out.buffer {
+            Some(buffer) => buffer.push_claiming(sample, direct.is_some()),
+            None => (Arc::new(sample), None),
+        };
+        out.status.collected(sample, errors);
         if let (Some(mut direct), Some(batch)) = (direct, batch) {
             let budget = next.saturating_duration_since(Instant::now()) / 2;
             direct.send_directly(batch, budget);
@@ -231,7 +267,7 @@ pub fn run(config: Config) -> Result<()> {
     if let Some(sig) = signals.forever().next() {
         log::info!(
             "signal {sig}: stopping; flushing {} buffered samples (a second signal exits at once)",
-            running.shared.buffer.len()
+            running.view.buffer.len()
         );
     }
     let handle = signals.handle();

@@ -3,10 +3,12 @@
 
 use std::time::Duration;
 
+use crate::collect::Collector;
 use crate::config::{self, Config, cli::Action};
 use crate::error::{Error, Result};
-use crate::route;
-use crate::{Collector, Sample};
+use crate::net::address::source_address;
+use crate::sample::{AGENT_VERSION, Sample};
+use crate::serve::healthcheck;
 
 /// How long `--once` measures the CPU window: long enough for tens of ticks
 /// per CPU at 100 Hz, short enough for an interactive command.
@@ -56,10 +58,7 @@ fn run(args: &[String], env: &[(String, String)]) -> Result<i32> {
     match args.action {
         Action::Help => return Ok(print_out(&config::cli::help())),
         Action::Version => {
-            return Ok(print_out(&format!(
-                "guest-agent {}\n",
-                crate::AGENT_VERSION
-            )));
+            return Ok(print_out(&format!("guest-agent {AGENT_VERSION}\n")));
         }
         _ => {}
     }
@@ -77,7 +76,7 @@ fn run(args: &[String], env: &[(String, String)]) -> Result<i32> {
                 .map_err(|e| Error::Usage(e.to_string()))?;
             Ok(print_out(&format!("{text}\n")))
         }
-        Action::Health => Ok(crate::healthcheck::run(&config)),
+        Action::Health => Ok(healthcheck::run(&config)),
         Action::Once => {
             let sample = once(&config)?;
             let text =
@@ -115,7 +114,7 @@ pub fn once(config: &Config) -> Result<Sample> {
     sample.guest_ip = config
         .resolved_target()
         .and_then(|t| t.literal())
-        .and_then(|a| route::source_address(a).ok())
+        .and_then(|a| source_address(a).ok())
         .map(|ip| ip.to_string());
     Ok(sample)
 }

@@ -38,8 +38,8 @@ use std::collections::{HashMap, VecDeque};
 
 use serde::Serialize;
 
-use crate::Sample;
 use crate::sample::SCHEMA;
+use crate::sample::Sample;
 
 /// Largest body accepted, in bytes: the agent's largest batch (10,000
 /// samples) as it sends them, compact, is under this. Larger gets 413, on
@@ -172,7 +172,10 @@ struct Received {
 /// unique key on `run_id` and `seq`, as a database table can have). The
 /// refusal carries the status the delivery contract gives it.
 pub fn parse(body: &[u8]) -> Result<Vec<Sample>, Refusal> {
-    Ok(parse_received(body)?.into_iter().map(|r| r.sample).collect())
+    Ok(parse_received(body)?
+        .into_iter()
+        .map(|r| r.sample)
+        .collect())
 }
 
 /// Parses a POST body into samples with their fingerprints; no state is

@@ -4,6 +4,8 @@
 //! Data flows one way: configuration → [`Collector`] → [`Sample`] → buffer →
 //! push, with a small shared status that the HTTP listener reads. Every file
 //! under `/proc` is read through a proc root, so tests run on fixtures.
+//! The modules are stages, each importing only those below it
+//! (docs/design.md#data-flow-and-modules).
 //!
 //! ```no_run
 //! // An agent in-process, pushing to a receiver on loopback every second.
@@ -21,48 +23,45 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
-pub mod agent;
-pub mod cli;
+// Below every stage.
+pub mod error;
+mod logging;
+pub mod sample;
+mod stop;
+// The stages, each above those before it.
 pub mod collect;
 pub mod config;
-pub mod error;
-pub mod ingest;
-pub mod sample;
-
-mod backoff;
-mod buffer;
-mod client;
-mod cpu;
-mod encode;
-mod guest_ip;
-mod healthcheck;
-mod influx;
-mod listener;
-mod logging;
-mod push;
-mod restore;
-mod route;
+mod deliver;
+mod net;
+mod output;
+mod serve;
 mod status;
-mod stop;
-mod vsock;
+mod vm;
+// The wiring and the binary's entry point.
+pub mod agent;
+pub mod cli;
+// What a manager embeds.
+pub mod ingest;
 
 pub use agent::Running;
-pub use collect::{AGENT_VERSION, Collector};
+pub use collect::Collector;
 pub use config::Config;
 pub use error::{Error, Result};
-pub use guest_ip::{GuestIpReport, GuestIpState};
-pub use sample::Sample;
-pub use status::{Health, HealthState, PushState};
+pub use sample::{AGENT_VERSION, Sample};
+pub use status::{GuestIpReport, GuestIpState, Health, HealthState, PushState};
 
 /// The agent's parts, reachable for its own benchmarks and tests. Not a
 /// stable interface: anything here may change in any release.
 #[doc(hidden)]
 pub mod internals {
-    pub use crate::buffer::{Batch, Buffer, footprint};
-    pub use crate::encode::{content_type, encode};
-    pub use crate::listener::{Listener, MAX_CONNECTIONS, spawn as spawn_listener};
-    pub use crate::push::{Outcome, Sender};
-    pub use crate::route::{Target, UrlTemplate, parse_default_gateway};
-    pub use crate::status::Shared;
+    pub use crate::collect::route::parse_default_gateway;
+    pub use crate::deliver::buffer::{Batch, Buffer};
+    pub use crate::deliver::push::{Outcome, Sender};
+    pub use crate::net::client::Client;
+    pub use crate::net::url::{Target, UrlTemplate};
+    pub use crate::output::{content_type, encode};
+    pub use crate::sample::footprint;
+    pub use crate::serve::listener::{Listener, MAX_CONNECTIONS, View, spawn as spawn_listener};
+    pub use crate::status::Status;
     pub use crate::stop::Stop;
 }

@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 /// The schema number of [`Sample`]'s shape.
 pub const SCHEMA: u32 = 1;
 
+/// The agent's version, as carried in every sample.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
 /// One field's value, as [`Sample::visit`] hands it over.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Value<'a> {
@@ -168,6 +171,24 @@ schema! {
     restore_count: u64,
 }
 
+/// The memory a queued sample takes: the struct, its text fields and the
+/// shared pointer's counts. Allocator rounding is left out; the bound is
+/// about orders of magnitude, not bytes.
+pub fn footprint(sample: &Sample) -> usize {
+    let mut text = 0;
+    sample.visit(|_, v| {
+        if let Value::Text(t) = v {
+            text += t.len();
+        }
+    });
+    std::mem::size_of::<Sample>() + 2 * std::mem::size_of::<usize>() + text
+}
+
+/// What a sample with typical ids and names takes ([`footprint`]); used to
+/// say how many samples a byte bound holds before any was collected.
+pub const TYPICAL_SAMPLE_BYTES: usize =
+    std::mem::size_of::<Sample>() + 2 * std::mem::size_of::<usize>() + 160;
+
 /// Fields added to schema 1 after its first agents shipped: a sample
 /// without them is still a whole schema 1 sample, read as null and 0
 /// (docs/snapshots.md#the-sample-fields).
@@ -190,5 +211,35 @@ impl Sample {
             return Err(format!("schema {} is not {SCHEMA}", s.schema));
         }
         Ok(s)
+    }
+}
+
+/// A sample with every figure null, for the tests of the stages below it.
+#[cfg(test)]
+pub(crate) mod fixture {
+    use super::Sample;
+
+    /// Run `r`, number `seq`, nothing measured.
+    pub(crate) fn sample(seq: u64) -> Sample {
+        let json = serde_json::json!({
+            "schema": 1, "agent_version": "t", "vm_id": null, "hostname": null,
+            "boot_id": null, "run_id": "r", "seq": seq, "timestamp_ms": 0,
+            "window_ms": 0, "guest_ip": null, "cpu_count": null,
+            "cpu_usage_percent": null, "cpu_iowait_percent": null,
+            "cpu_steal_percent": null, "procs_running": null, "procs_blocked": null,
+            "process_count": null, "load_average": null, "load_average_5": null,
+            "load_average_15": null, "memory_total_kb": null,
+            "memory_available_kb": null, "memory_used_kb": null,
+            "memory_usage_percent": null, "swap_total_kb": null, "swap_used_kb": null,
+            "uptime_seconds": null, "network_rx_bytes": null, "network_tx_bytes": null,
+            "disk_read_bytes": null, "disk_write_bytes": null,
+            "filesystem_total_kb": null, "filesystem_used_kb": null,
+            "pressure_cpu_some_avg10": null, "pressure_memory_some_avg10": null,
+            "pressure_io_some_avg10": null, "dropped_samples": 0
+        });
+        match Sample::from_json_strict(&json) {
+            Ok(s) => s,
+            Err(e) => panic!("the fixture is a whole sample: {e}"),
+        }
     }
 }

@@ -1,10 +1,11 @@
-//! The state shared by the collector, the sender and the listener: the
-//! buffer, the latest sample, delivery counters and errors. `/health` and
-//! `/metrics` are rendered from it.
+//! What the agent's stages tell each other and `/health`: plain data under
+//! one lock, with no behaviour of its own (docs/design.md#data-flow-and-modules).
 //!
-//! Delivery state changes only through the transition methods of
-//! [`Status`], one per event the sender sees, so that what `/health` says is
-//! decided in one place.
+//! It sits below every stage and imports none of them (only the sample
+//! type): collection records the latest sample, delivery its outcomes, the
+//! address report its own, restore detection the restore generation. Each
+//! does so through one narrow method per event, so what `/health` says is
+//! decided in one place, and no stage reaches another through it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,9 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::Sample;
-use crate::buffer::Buffer;
-use crate::config::Config;
+use crate::sample::{AGENT_VERSION, Sample};
 
 /// Where delivery stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -49,19 +48,38 @@ pub enum HealthState {
     Stale,
 }
 
-/// Mutable status, under one lock; changed only by its methods.
-#[derive(Debug, Clone)]
-pub struct Status {
-    latest: Option<Arc<Sample>>,
-    last_sample_at: Option<Instant>,
-    push_state: PushState,
-    last_error: Option<String>,
-    consecutive_failures: u64,
-    delivered: u64,
-    rejected: u64,
-    target: Option<String>,
-    guest_ip: Option<String>,
-    collector_errors: BTreeMap<String, String>,
+/// Where the guest-address report to a pull-model manager stands
+/// (docs/manager.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestIpState {
+    /// Configured without a VM id: nothing can be reported.
+    Off,
+    /// No report sent yet (no route or address yet).
+    Waiting,
+    /// The last report was accepted.
+    Ok,
+    /// The last report failed; it is retried.
+    Failing,
+}
+
+/// The guest-address report as `/health` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct GuestIpReport {
+    /// The report URL as configured (`{gateway}` unfilled).
+    pub url: String,
+    /// Where it stands.
+    pub state: GuestIpState,
+    /// The address the manager last accepted.
+    pub reported_ip: Option<String>,
+    /// Milliseconds since the manager last accepted a report.
+    pub last_report_age_ms: Option<u64>,
+    /// Reports accepted since start.
+    pub reports: u64,
+    /// Failed attempts since the last accepted one.
+    pub consecutive_failures: u64,
+    /// The most recent failure, kept after recovery for diagnosis.
+    pub last_error: Option<String>,
 }
 
 /// What [`Status::failed`] tells the sender, so it logs on changes only.
@@ -73,97 +91,68 @@ pub struct Failure {
     pub consecutive: u64,
 }
 
-impl Status {
-    /// A batch of `n` samples was accepted. Returns the failures it ends.
-    pub fn delivered(&mut self, n: u64) -> u64 {
-        self.delivered += n;
-        self.push_state = PushState::Ok;
-        std::mem::take(&mut self.consecutive_failures)
-    }
-
-    /// A batch of `n` samples was refused for its payload and dropped.
-    pub fn refused(&mut self, n: u64, why: String) {
-        self.rejected += n;
-        self.push_state = PushState::Rejecting;
-        self.consecutive_failures = 0;
-        self.last_error = Some(why);
-    }
-
-    /// A request failed; its batch is kept.
-    pub fn failed(&mut self, error: String) -> Failure {
-        self.consecutive_failures += 1;
-        let first = self.push_state != PushState::Failing;
-        self.push_state = PushState::Failing;
-        self.last_error = Some(error);
-        Failure {
-            first,
-            consecutive: self.consecutive_failures,
-        }
-    }
-
-    /// The manager has no ingest route (HTTP 404); the batch is kept.
-    /// Returns true when this starts the state, so that it is logged once.
-    pub fn no_ingest_route(&mut self, error: String) -> bool {
-        self.consecutive_failures += 1;
-        let first = self.push_state != PushState::NoIngestRoute;
-        self.push_state = PushState::NoIngestRoute;
-        self.last_error = Some(error);
-        first
-    }
-
-    /// There is no default route to fill `{gateway}` with yet.
-    pub fn waiting_for_route(&mut self) {
-        self.push_state = PushState::Waiting;
-        self.last_error = Some("no default route".into());
-    }
-
-    /// The push target and the guest's address toward it were looked up.
-    pub fn set_target(&mut self, target: Option<String>, guest_ip: Option<String>) {
-        self.target = target;
-        self.guest_ip = guest_ip;
-    }
-
-    /// The delivery state.
-    pub fn push_state(&self) -> PushState {
-        self.push_state
-    }
-
-    /// The guest's source address toward the push target.
-    pub fn guest_ip(&self) -> Option<&str> {
-        self.guest_ip.as_deref()
-    }
+/// The buffer's figures, as its owner reads them for `/health`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BufferFigures {
+    /// Samples waiting.
+    pub len: usize,
+    /// Bytes they take.
+    pub bytes: usize,
+    /// Samples dropped so far because the buffer was full.
+    pub dropped: u64,
+    /// The capacity in samples.
+    pub capacity: usize,
+    /// The bound in bytes.
+    pub max_bytes: usize,
 }
 
-/// Everything the agent's threads share.
+/// The part that changes, under one lock.
+#[derive(Debug, Clone)]
+struct State {
+    latest: Option<Arc<Sample>>,
+    last_sample_at: Option<Instant>,
+    push_state: PushState,
+    last_error: Option<String>,
+    consecutive_failures: u64,
+    delivered: u64,
+    rejected: u64,
+    target: Option<String>,
+    guest_ip: Option<String>,
+    collector_errors: BTreeMap<String, String>,
+    report: Option<GuestIpReport>,
+    report_ok_at: Option<Instant>,
+}
+
+/// The agent's shared status.
 #[derive(Debug)]
-pub struct Shared {
-    /// Samples waiting for delivery.
-    pub buffer: Buffer,
-    pushing: bool,
+pub struct Status {
     started: Instant,
     interval: Duration,
     config_errors: Vec<String>,
-    status: Mutex<Status>,
-    /// The guest-address report to a pull-model manager (docs/manager.md).
-    pub guest_ip_report: crate::guest_ip::ReportState,
-    /// Snapshot restores detected (crate::restore): the sender compares it
-    /// with the last value it saw to drop its connections.
+    state: Mutex<State>,
+    /// Snapshot restores detected (docs/snapshots.md): the sender and the
+    /// address report compare it with the last value they saw.
     restores: AtomicU64,
 }
 
-impl Shared {
-    /// Shared state for an agent configured by `config`.
-    pub fn new(config: &Config) -> Arc<Shared> {
-        Arc::new(Shared {
-            buffer: Buffer::new(config.buffer, config.buffer_max_bytes),
-            pushing: config.url.is_some(),
+impl Status {
+    /// The status of an agent collecting every `interval`, pushing or not,
+    /// with the configuration errors it started with and, for a pull-model
+    /// manager, the address report's first state.
+    pub fn new(
+        interval: Duration,
+        pushing: bool,
+        config_errors: Vec<String>,
+        report: Option<GuestIpReport>,
+    ) -> Status {
+        Status {
             started: Instant::now(),
-            interval: config.interval,
-            config_errors: config.errors.clone(),
-            status: Mutex::new(Status {
+            interval,
+            config_errors,
+            state: Mutex::new(State {
                 latest: None,
                 last_sample_at: None,
-                push_state: if config.url.is_some() {
+                push_state: if pushing {
                     PushState::Waiting
                 } else {
                     PushState::Off
@@ -175,43 +164,25 @@ impl Shared {
                 target: None,
                 guest_ip: None,
                 collector_errors: BTreeMap::new(),
+                report,
+                report_ok_at: None,
             }),
-            guest_ip_report: crate::guest_ip::ReportState::new(config),
             restores: AtomicU64::new(0),
-        })
+        }
     }
 
-    /// The status, locked. The release build aborts on panic, so the lock
-    /// is never poisoned there; in test builds a panicking test thread must
-    /// not take the others down with it, so a poisoned lock is entered
-    /// anyway (every update is a single assignment, never half done).
-    pub fn status(&self) -> MutexGuard<'_, Status> {
-        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The release build aborts on panic, so the lock is never poisoned
+        // there; in test builds a panicking thread must not take the others
+        // down with it, and every update is a few assignments, never half
+        // done.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a freshly collected sample (when pushing is on: with it off
-    /// nothing would ever take it out, and the buffer would only count
-    /// drops) and makes it the latest; `errors`, when given, replaces the
-    /// failing sources shown in `/health`.
-    pub fn record(&self, sample: Sample, errors: Option<&BTreeMap<&'static str, String>>) {
-        drop(self.record_claiming(sample, errors, false));
-    }
-
-    /// [`Shared::record`]; with `claim`, the sample comes back as a batch of
-    /// its own when nothing else waits for delivery, for the caller to send
-    /// ([`crate::buffer::Buffer::push_claiming`]).
-    pub fn record_claiming(
-        &self,
-        sample: Sample,
-        errors: Option<&BTreeMap<&'static str, String>>,
-        claim: bool,
-    ) -> Option<crate::buffer::Batch<'_>> {
-        let (sample, batch) = if self.pushing {
-            self.buffer.push_claiming(sample, claim)
-        } else {
-            (Arc::new(sample), None)
-        };
-        let mut st = self.status();
+    /// A sample was collected; `errors`, when given, replaces the failing
+    /// sources shown in `/health`.
+    pub fn collected(&self, sample: Arc<Sample>, errors: Option<&BTreeMap<&'static str, String>>) {
+        let mut st = self.lock();
         st.latest = Some(sample);
         st.last_sample_at = Some(Instant::now());
         if let Some(errors) = errors {
@@ -220,7 +191,102 @@ impl Shared {
                 .map(|(k, v)| (k.to_string(), v.clone()))
                 .collect();
         }
-        batch
+    }
+
+    /// The latest sample, if one was collected.
+    pub fn latest(&self) -> Option<Arc<Sample>> {
+        self.lock().latest.clone()
+    }
+
+    /// The guest's source address toward the push target.
+    pub fn guest_ip(&self) -> Option<String> {
+        self.lock().guest_ip.clone()
+    }
+
+    /// A batch of `n` samples was accepted. Returns the failures it ends.
+    pub fn delivered(&self, n: u64) -> u64 {
+        let mut st = self.lock();
+        st.delivered += n;
+        st.push_state = PushState::Ok;
+        std::mem::take(&mut st.consecutive_failures)
+    }
+
+    /// A batch of `n` samples was refused for its payload and dropped.
+    pub fn refused(&self, n: u64, why: String) {
+        let mut st = self.lock();
+        st.rejected += n;
+        st.push_state = PushState::Rejecting;
+        st.consecutive_failures = 0;
+        st.last_error = Some(why);
+    }
+
+    /// A request failed; its batch is kept.
+    pub fn failed(&self, error: String) -> Failure {
+        let mut st = self.lock();
+        st.consecutive_failures += 1;
+        let first = st.push_state != PushState::Failing;
+        st.push_state = PushState::Failing;
+        st.last_error = Some(error);
+        Failure {
+            first,
+            consecutive: st.consecutive_failures,
+        }
+    }
+
+    /// The manager has no ingest route (HTTP 404); the batch is kept.
+    /// Returns true when this starts the state, so that it is logged once.
+    pub fn no_ingest_route(&self, error: String) -> bool {
+        let mut st = self.lock();
+        st.consecutive_failures += 1;
+        let first = st.push_state != PushState::NoIngestRoute;
+        st.push_state = PushState::NoIngestRoute;
+        st.last_error = Some(error);
+        first
+    }
+
+    /// There is no default route to fill `{gateway}` with yet.
+    pub fn waiting_for_route(&self) {
+        let mut st = self.lock();
+        st.push_state = PushState::Waiting;
+        st.last_error = Some("no default route".into());
+    }
+
+    /// The push target and the guest's address toward it were looked up.
+    pub fn set_target(&self, target: Option<String>, guest_ip: Option<String>) {
+        let mut st = self.lock();
+        st.target = target;
+        st.guest_ip = guest_ip;
+    }
+
+    /// The delivery state.
+    pub fn push_state(&self) -> PushState {
+        self.lock().push_state
+    }
+
+    /// The manager accepted the guest's address `ip`.
+    pub fn report_accepted(&self, ip: &str) {
+        let mut st = self.lock();
+        if let Some(r) = st.report.as_mut() {
+            r.state = GuestIpState::Ok;
+            r.reported_ip = Some(ip.to_string());
+            r.reports += 1;
+            r.consecutive_failures = 0;
+            st.report_ok_at = Some(Instant::now());
+        }
+    }
+
+    /// A report failed; true when it ends a run of successes (or is the
+    /// first ever), so that it is logged once, not at every retry.
+    pub fn report_failed(&self, error: String) -> bool {
+        let mut st = self.lock();
+        let Some(r) = st.report.as_mut() else {
+            return false;
+        };
+        let first = r.consecutive_failures == 0;
+        r.state = GuestIpState::Failing;
+        r.consecutive_failures += 1;
+        r.last_error = Some(error);
+        first
     }
 
     /// Records a snapshot restore; returns the new restore generation.
@@ -233,14 +299,9 @@ impl Shared {
         self.restores.load(Ordering::SeqCst)
     }
 
-    /// The latest sample, if one was collected.
-    pub fn latest(&self) -> Option<Arc<Sample>> {
-        self.status().latest.clone()
-    }
-
     /// Whether a sample was collected within the last 3 intervals.
     pub fn is_healthy(&self) -> bool {
-        let last = self.status().last_sample_at;
+        let last = self.lock().last_sample_at;
         let limit = self.interval * 3;
         match last {
             Some(t) => t.elapsed() <= limit,
@@ -248,17 +309,21 @@ impl Shared {
         }
     }
 
-    /// The `/health` body.
-    pub fn health(&self) -> Health {
-        let st = self.status().clone();
-        let buffer = self.buffer.stats();
+    /// The `/health` body, with the buffer's figures as its owner read them.
+    pub fn health(&self, buffer: BufferFigures) -> Health {
+        let status = if self.is_healthy() {
+            HealthState::Ok
+        } else {
+            HealthState::Stale
+        };
+        let st = self.lock().clone();
+        let guest_ip_report = st.report.map(|mut r| {
+            r.last_report_age_ms = st.report_ok_at.map(|t| t.elapsed().as_millis() as u64);
+            r
+        });
         Health {
-            status: if self.is_healthy() {
-                HealthState::Ok
-            } else {
-                HealthState::Stale
-            },
-            version: crate::AGENT_VERSION,
+            status,
+            version: AGENT_VERSION,
             uptime_seconds: self.started.elapsed().as_secs(),
             last_sample_age_ms: st.last_sample_at.map(|t| t.elapsed().as_millis() as u64),
             last_seq: st.latest.as_ref().map(|s| s.seq),
@@ -270,14 +335,14 @@ impl Shared {
             consecutive_failures: st.consecutive_failures,
             delivered: st.delivered,
             buffered: buffer.len,
-            buffer_capacity: self.buffer.capacity(),
+            buffer_capacity: buffer.capacity,
             buffer_bytes: buffer.bytes,
-            buffer_max_bytes: self.buffer.max_bytes(),
+            buffer_max_bytes: buffer.max_bytes,
             dropped: buffer.dropped,
             rejected: st.rejected,
             config_errors: self.config_errors.clone(),
             collector_errors: st.collector_errors,
-            guest_ip_report: self.guest_ip_report.snapshot(),
+            guest_ip_report,
         }
     }
 }
@@ -326,5 +391,5 @@ pub struct Health {
     /// Sources failing at the last collection.
     pub collector_errors: BTreeMap<String, String>,
     /// The guest-address report to a pull-model manager; null when off.
-    pub guest_ip_report: Option<crate::guest_ip::GuestIpReport>,
+    pub guest_ip_report: Option<GuestIpReport>,
 }

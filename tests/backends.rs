@@ -102,7 +102,7 @@ fn influx_bodies_have_one_line_per_sample_and_batch_after_an_outage() {
         ("url", &url),
         ("format", "influx"),
         ("interval", "100ms"),
-        ("vm_id", "vm 7,a=b"),
+        ("vm_id", "vm-7.a_b~c"),
     ]))
     .unwrap();
     let mut seen: BTreeMap<u64, Arc<Sample>> = BTreeMap::new();
@@ -161,7 +161,7 @@ fn influx_bodies_have_one_line_per_sample_and_batch_after_an_outage() {
     let fixture_hostname =
         std::fs::read_to_string(format!("{}/sys/kernel/hostname", fixture_root())).unwrap();
     for (l, seq) in lines.iter().zip(&seqs) {
-        assert_eq!(l.tags["vm_id"], "vm 7,a=b");
+        assert_eq!(l.tags["vm_id"], "vm-7.a_b~c");
         assert_eq!(l.tags["hostname"], fixture_hostname.trim());
         // Nanoseconds: a whole number of milliseconds, during this test.
         assert_eq!(l.timestamp % 1_000_000, 0, "{l:?}");

@@ -200,11 +200,25 @@ fn a_bad_cli_value_is_a_usage_error_naming_flag_value_and_what_is_accepted() {
 fn cmdline_rules_init_args_unknown_keys_and_valueless_keys() {
     let setup = Setup::new(
         "rules",
-        "guest_agent.vm_id=\"a b\" guest_agent.colour=red guest_agent.interval -- guest_agent.vm_id=init",
+        "guest_agent.kmsg=\"/dev/k msg\" guest_agent.vm_id=\"a b\" guest_agent.colour=red guest_agent.interval -- guest_agent.vm_id=init",
         "",
     );
     let c = setup.resolve(&[], &[]).unwrap();
-    assert_eq!(origin(&c, "vm_id"), (Some("a b".into()), Source::Cmdline));
+    // Quotes protect a space, and the quote characters go.
+    assert_eq!(
+        origin(&c, "kmsg"),
+        (Some("/dev/k msg".into()), Source::Cmdline)
+    );
+    // A VM id goes into a URL path (the guest-address report): one with a
+    // space is refused by name, and the next source's value is used.
+    assert_eq!(origin(&c, "vm_id"), (None, Source::Default));
+    assert!(
+        c.errors
+            .iter()
+            .any(|e| e.contains("cmdline: invalid guest_agent.vm_id value \"a b\"")),
+        "{:?}",
+        c.errors
+    );
     assert!(
         c.warnings.iter().any(|w| w.contains("guest_agent.colour")),
         "{:?}",
@@ -287,7 +301,7 @@ fn print_config_shows_every_value_and_source_through_the_binary() {
     assert_eq!(entry("proc_root"), (root.clone().into(), "cli".into()));
     assert_eq!(entry("interval"), ("2s".into(), "env".into()));
     assert_eq!(entry("token"), ("set".into(), "env".into()));
-    assert_eq!(entry("vm_id"), ("vm from cmdline".into(), "cmdline".into()));
+    assert_eq!(entry("vm_id"), ("vm-from-cmdline".into(), "cmdline".into()));
     assert_eq!(entry("listen"), ("127.0.0.1:9181".into(), "cmdline".into()));
     assert_eq!(entry("timeout"), ("3s".into(), "cmdline".into()));
     assert_eq!(entry("buffer"), ("300".into(), "cmdline".into()));

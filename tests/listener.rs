@@ -11,7 +11,7 @@ use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use guest_agent::internals::{Listener, MAX_CONNECTIONS, Shared, spawn_listener};
+use guest_agent::internals::{Buffer, Listener, MAX_CONNECTIONS, Status, View, spawn_listener};
 use guest_agent::{Collector, Sample};
 
 /// Longest any single wait may take before the test fails: far beyond
@@ -20,7 +20,8 @@ const DEADLINE: Duration = Duration::from_secs(30);
 
 const FIXTURE: &str = "tests/fixtures/host";
 
-fn shared(interval: &str) -> Arc<Shared> {
+/// What a listener reads, as the agent sets it up for `interval`.
+fn shared(interval: &str) -> View {
     let config = guest_agent::config::resolve(
         &[
             ("url", "off".into()),
@@ -32,22 +33,25 @@ fn shared(interval: &str) -> Arc<Shared> {
         Some(Path::new("/nonexistent")),
     )
     .unwrap();
-    Shared::new(&config)
+    View {
+        status: Arc::new(Status::new(config.interval, false, config.errors, None)),
+        buffer: Arc::new(Buffer::new(config.buffer, config.buffer_max_bytes)),
+    }
 }
 
 /// Collects a real sample from the fixture root and makes it the latest,
 /// as the agent's collection loop does.
-fn record(shared: &Shared, collector: &mut Collector, seq: u64) {
+fn record(shared: &View, collector: &mut Collector, seq: u64) {
     let mut sample = collector.collect();
     sample.seq = seq;
-    shared.record(sample, None);
+    shared.status.collected(Arc::new(sample), None);
 }
 
 fn collector() -> Collector {
     Collector::new(Path::new(FIXTURE), Some("vm-test".into())).unwrap()
 }
 
-fn start(shared: &Arc<Shared>) -> (Listener, SocketAddr) {
+fn start(shared: &View) -> (Listener, SocketAddr) {
     let l = spawn_listener("127.0.0.1:0".parse().unwrap(), shared.clone()).unwrap();
     let addr = l.local_addr();
     (l, addr)
@@ -306,7 +310,7 @@ fn metrics_is_503_before_the_first_sample_then_the_latest_sample() {
     assert_eq!(sample.seq, 2);
     assert_eq!(sample.vm_id.as_deref(), Some("vm-test"));
     assert_eq!(sample.run_id, col.run_id());
-    assert_eq!(*shared.latest().unwrap(), sample);
+    assert_eq!(*shared.status.latest().unwrap(), sample);
 
     let head = c.get("HEAD", "/metrics?pretty");
     assert_eq!(head.status, 200);
@@ -651,7 +655,7 @@ fn collection_keeps_its_cadence_during_a_flood() {
             while !stop.load(Ordering::SeqCst) {
                 seq += 1;
                 record(&shared, &mut col, seq);
-                assert_eq!(shared.latest().unwrap().seq, seq);
+                assert_eq!(shared.status.latest().unwrap().seq, seq);
                 last.store(seq, Ordering::SeqCst);
                 thread::sleep(Duration::from_millis(50));
             }

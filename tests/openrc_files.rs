@@ -103,13 +103,15 @@ exec \"$command\" $command_args --print-config",
 #[test]
 fn start_pre_exports_confd_settings_to_the_agent() {
     let (ok, stdout, stderr) = start_pre(
-        "GUEST_AGENT_VM_ID=\"vm 7\"\nGUEST_AGENT_INTERVAL=2s\nNOT_AGENT=1",
+        "GUEST_AGENT_VM_ID=\"vm-7\"\nGUEST_AGENT_KMSG=\"/dev/k msg\"\nGUEST_AGENT_INTERVAL=2s\nNOT_AGENT=1",
         "--url off --proc-root tests/fixtures/host",
     );
     assert!(ok, "{stderr}");
     let config: serde_json::Value = serde_json::from_str(&stdout).expect("--print-config JSON");
-    assert_eq!(config["vm_id"]["value"], "vm 7");
+    assert_eq!(config["vm_id"]["value"], "vm-7");
     assert_eq!(config["vm_id"]["source"], "env");
+    // A value with a space survives the export whole.
+    assert_eq!(config["kmsg"]["value"], "/dev/k msg");
     assert_eq!(config["interval"]["value"], "2s");
     assert_eq!(config["interval"]["source"], "env");
     assert_eq!(config["url"]["source"], "cli");

@@ -16,6 +16,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use guest_agent::collect::processes::ProcessCounter;
+use guest_agent::internals::{Client, Target};
+use http::Method;
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 
 /// The nine files every sample reads.
 pub const NINE_FILES: [&str; 9] = [
@@ -33,6 +36,9 @@ pub const NINE_FILES: [&str; 9] = [
 /// Bytes of the fixed body: about one sample of the agent's JSON.
 pub const BODY_BYTES: usize = 900;
 
+/// A client, its target and the headers of every post.
+type ViaUreq = (Client, Target, Vec<(HeaderName, HeaderValue)>);
+
 /// The probe's kept-open files, directory and connection.
 pub struct Floor {
     files: Vec<File>,
@@ -42,8 +48,9 @@ pub struct Floor {
     request: Vec<u8>,
     conn: Option<TcpStream>,
     answer: Vec<u8>,
-    /// Post through ureq instead of the raw connection: (agent, URL).
-    ureq: Option<(ureq::Agent, String)>,
+    /// Post through ureq instead of the raw connection, with the agent's
+    /// own client and the headers a push sends.
+    ureq: Option<ViaUreq>,
     /// The last round's figures, so nothing is optimised away.
     pub last: (usize, u64),
 }
@@ -125,33 +132,28 @@ impl Floor {
         self.processes.count()
     }
 
-    /// Posts through a ureq agent set up as the agent's sender is (global
-    /// timeout, no proxy, no redirects, its user agent), to `url`.
-    pub fn use_ureq(&mut self, url: &str) {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(2)))
-            .http_status_as_error(false)
-            .proxy(None)
-            .max_redirects(0)
-            .user_agent("floor-probe")
-            .build()
-            .into();
-        self.ureq = Some((agent, url.to_string()));
+    /// Posts through ureq set up exactly as the agent's sender is (its own
+    /// `Client`: the resolver that spawns no thread, one kept connection,
+    /// one deadline, no proxy, no redirects), to `url`.
+    pub fn use_ureq(&mut self, url: &str) -> std::io::Result<()> {
+        let target = Target::http(url).map_err(std::io::Error::other)?;
+        let headers = vec![(CONTENT_TYPE, HeaderValue::from_static("application/json"))];
+        self.ureq = Some((Client::tcp(Duration::from_secs(2)), target, headers));
+        Ok(())
     }
 
     /// The fixed POST, reconnecting once if the kept-alive connection closed.
     pub fn post(&mut self) -> std::io::Result<()> {
-        if let Some((agent, url)) = &self.ureq {
+        if let Some((client, target, headers)) = &mut self.ureq {
             let head = self.request.len() - BODY_BYTES;
-            let mut resp = agent
-                .post(url.as_str())
-                .header("Content-Type", "application/json")
-                .send(&self.request[head..])
-                .map_err(std::io::Error::other)?;
-            resp.body_mut()
-                .with_config()
-                .limit(64 * 1024)
-                .read_to_vec()
+            client
+                .send(
+                    Method::POST,
+                    target,
+                    headers,
+                    Some(&self.request[head..]),
+                    None,
+                )
                 .map_err(std::io::Error::other)?;
             return Ok(());
         }

@@ -7,6 +7,7 @@
 //! source that fails is logged once (and again when it recovers), its figures
 //! are null in that sample, and the others still go out.
 
+pub mod cpu;
 pub mod diskstats;
 pub mod filesystem;
 pub mod identity;
@@ -16,6 +17,7 @@ pub mod net_dev;
 pub mod pressure;
 pub mod proc_file;
 pub mod processes;
+pub mod route;
 pub mod stat;
 pub mod uptime;
 
@@ -23,23 +25,20 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use crate::cpu::{self, CpuPercent, CpuSnapshot};
 use crate::error::{Error, Result};
-use crate::sample::{SCHEMA, Sample};
+use crate::sample::{AGENT_VERSION, SCHEMA, Sample};
+use cpu::{CpuPercent, CpuSnapshot};
 pub use proc_file::ProcFile;
-
-/// The agent's version, as carried in every sample.
-pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Rounds to two decimals, the precision the kernel prints load and PSI with
 /// (procfs hands them over as `f32`, whose widening shows noise digits).
-pub(crate) fn round2(x: f32) -> f64 {
+fn round2(x: f32) -> f64 {
     round_pct(x as f64)
 }
 
 /// Rounds a percentage to two decimals: finer than any reader of `top` or
 /// `free` needs, and it keeps every body short.
-pub(crate) fn round_pct(x: f64) -> f64 {
+fn round_pct(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
@@ -190,7 +189,7 @@ impl Collector {
             .enumerate()
         {
             let r = optional(self.psi[i].parse(pressure::parse_some_avg10));
-            psi[i] = self.note(name, r).flatten();
+            psi[i] = self.note(name, r).flatten().map(round2);
         }
         let hostname = self.hostname.parse(identity::parse_line);
         let hostname = self.note("hostname", hostname);
@@ -223,9 +222,9 @@ impl Collector {
             procs_running: cpu_figures.and_then(|c| c.1),
             procs_blocked: cpu_figures.and_then(|c| c.2),
             process_count: procs,
-            load_average: load.map(|l| l[0]),
-            load_average_5: load.map(|l| l[1]),
-            load_average_15: load.map(|l| l[2]),
+            load_average: load.map(|l| round2(l[0])),
+            load_average_5: load.map(|l| round2(l[1])),
+            load_average_15: load.map(|l| round2(l[2])),
             memory_total_kb: mem.map(|m| m.total_kb),
             memory_available_kb: mem.map(|m| m.available_kb),
             memory_used_kb: mem.map(|m| m.used_kb()),

@@ -2,7 +2,7 @@
 
 use procfs::{ExplicitSystemInfo, FromBufReadSI, KernelStats, ProcError};
 
-use crate::cpu::{CpuSnapshot, CpuTicks};
+use super::cpu::{CpuSnapshot, CpuTicks};
 
 /// What one read of `stat` gives the sample.
 #[derive(Debug, Clone, PartialEq)]

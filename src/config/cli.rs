@@ -100,7 +100,7 @@ pub fn help() -> String {
          \x20     --health             ask the running agent's /health; exit 0 when healthy, 1 if not\n\
          \x20 -h, --help               print this help\n\
          \x20 -V, --version            print the version\n\nSettings (CLI > environment > kernel cmdline guest_agent.* > config file > default):\n",
-        crate::AGENT_VERSION
+        crate::sample::AGENT_VERSION
     );
     for s in SETTINGS {
         let left = format!("{} {}", s.flag(), s.value_name);

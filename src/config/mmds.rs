@@ -10,16 +10,14 @@
 //! short deadline ([`REQUEST_TIMEOUT`]). Only MMDS version 2 is spoken: a
 //! session token from `PUT /latest/api/token`, then a `GET` carrying it.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::client::Client;
-use crate::error::{Error, Result};
-use crate::route::{Lookups, UrlTemplate};
+use http::Method;
 
-/// Where Firecracker's MMDS answers unless the host chose another address.
-pub const DEFAULT_ADDR: SocketAddr =
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)), 80);
+use crate::error::{Error, Result};
+use crate::net::client::{Client, MAX_RESPONSE_BODY};
+use crate::net::url::Target;
 
 /// The key of the metadata document whose object holds the settings.
 pub const KEY: &str = "guest_agent";
@@ -35,26 +33,6 @@ pub const TOKEN_TTL_SECONDS: u32 = 60;
 
 /// Settings MMDS may not set: where the agent reads its own sources from.
 const NOT_FROM_MMDS: [&str; 4] = ["proc_root", "mmds", "kmsg", "token_file"];
-
-/// Parses the `mmds` setting: `off`, `on` (the default address), or an
-/// address with an optional port (80).
-pub fn parse_setting(v: &str) -> std::result::Result<Option<SocketAddr>, String> {
-    let expected = "off, on, or ADDR[:PORT] such as 169.254.169.254 or 10.0.2.100:80";
-    match v.trim() {
-        "off" => Ok(None),
-        "on" => Ok(Some(DEFAULT_ADDR)),
-        v => {
-            let addr = v
-                .parse::<SocketAddr>()
-                .or_else(|_| v.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 80)))
-                .map_err(|_| expected.to_string())?;
-            if addr.port() == 0 {
-                return Err(expected.into());
-            }
-            Ok(Some(addr))
-        }
-    }
-}
 
 /// The settings found under [`KEY`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -337,50 +315,38 @@ impl Reader<'_> {
 /// Fetches and parses the document at `addr`: a session token, then
 /// `GET /guest_agent` as JSON. Each request is bounded by [`REQUEST_TIMEOUT`].
 pub fn fetch(addr: SocketAddr) -> Result<Document> {
-    let base = format!("http://{addr}");
-    // The agent's one HTTP client: no proxy, no redirects, statuses as
-    // values, one deadline per request.
-    let mut client = Client::tcp(format!("guest-agent/{}", crate::AGENT_VERSION));
-    let lookups = Lookups::default();
+    let mut client = Client::tcp(REQUEST_TIMEOUT);
     let err = |url: &str, reason: String| Error::Network {
         target: url.to_string(),
         reason: format!("mmds: {reason}"),
     };
-    let target = |url: &str| {
-        UrlTemplate::parse(url)
-            .ok()
-            .and_then(|t| t.resolve(None))
-            .ok_or_else(|| err(url, "not a URL the client can ask".into()))
-    };
     // The status and the whole body (an answer cut off or too long is an
     // error, not an empty document).
-    let mut ask = |method: &str, url: &str, headers: &[(&str, &str)]| {
+    let mut ask = |method: Method, path: &str, headers: &[(&'static str, &str)], body| {
+        let url = format!("http://{addr}{path}");
+        let target = Target::http(&url).map_err(|e| err(&url, e))?;
         let answer = client
-            .request(
-                method,
-                &target(url)?,
-                headers,
-                b"",
-                REQUEST_TIMEOUT,
-                &lookups,
-            )
-            .map_err(|e| err(url, e.to_string()))?;
-        let body = client.body().ok_or_else(|| {
-            err(
-                url,
+            .request(method, &target, headers, body, None)
+            .map_err(|e| err(&url, e.to_string()))?;
+        if !answer.complete {
+            return Err(err(
+                &url,
                 format!(
-                    "HTTP {}, with a body that is chunked or over {} bytes",
-                    answer.status,
-                    crate::client::MAX_RESPONSE_BODY
+                    "HTTP {}, with a body over {MAX_RESPONSE_BODY} bytes",
+                    answer.status
                 ),
-            )
-        })?;
-        Ok::<_, Error>((answer.status, body.to_vec()))
+            ));
+        }
+        Ok::<_, Error>((url, answer.status, client.body().to_vec()))
     };
 
-    let token_url = format!("{base}/latest/api/token");
     let ttl = TOKEN_TTL_SECONDS.to_string();
-    let (status, token) = ask("PUT", &token_url, &[("X-metadata-token-ttl-seconds", &ttl)])?;
+    let (token_url, status, token) = ask(
+        Method::PUT,
+        "/latest/api/token",
+        &[("x-metadata-token-ttl-seconds", &ttl)],
+        Some(b""),
+    )?;
     if status != 200 {
         return Err(err(
             &token_url,
@@ -396,11 +362,11 @@ pub fn fetch(addr: SocketAddr) -> Result<Document> {
         ));
     }
 
-    let doc_url = format!("{base}/{KEY}");
-    let (status, body) = ask(
-        "GET",
-        &doc_url,
-        &[("X-metadata-token", token), ("Accept", "application/json")],
+    let (doc_url, status, body) = ask(
+        Method::GET,
+        &format!("/{KEY}"),
+        &[("x-metadata-token", token), ("accept", "application/json")],
+        None,
     )?;
     match status {
         200 => parse_document(&body).map_err(|e| err(&doc_url, e)),
@@ -421,24 +387,6 @@ mod mmds_stand_in;
 mod tests {
     use super::mmds_stand_in::MmdsStandIn;
     use super::*;
-
-    #[test]
-    fn setting_values() {
-        assert_eq!(parse_setting("off"), Ok(None));
-        assert_eq!(parse_setting("on"), Ok(Some(DEFAULT_ADDR)));
-        assert_eq!(
-            parse_setting("10.0.2.100"),
-            Ok(Some("10.0.2.100:80".parse().unwrap()))
-        );
-        assert_eq!(
-            parse_setting("127.0.0.1:8123"),
-            Ok(Some("127.0.0.1:8123".parse().unwrap()))
-        );
-        assert!(parse_setting("[::1]:80").is_ok());
-        for bad in ["", "yes", "host.example:80", "10.0.2.100:0", "10.0.2.100:x"] {
-            assert!(parse_setting(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn document_keys_are_setting_names() {

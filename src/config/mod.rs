@@ -20,8 +20,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::collect::proc_file::ProcFile;
+use crate::collect::{meminfo, route};
 use crate::error::{Error, Result};
-use crate::route::UrlTemplate;
+use crate::net::url::{Target, UrlTemplate};
 use settings::{SETTINGS, Setting};
 
 /// Where a setting's value came from.
@@ -200,7 +202,7 @@ pub fn resolve(
     // MMDS is asked only when a source above opted into it.
     let mmds_addr = settings::setting("mmds")
         .and_then(|s| first_valid(s, &offers).0)
-        .and_then(|(v, _)| mmds::parse_setting(&v).ok().flatten());
+        .and_then(|(v, _)| settings::parse_mmds(&v).ok().flatten());
     if let Some(addr) = mmds_addr {
         match mmds::fetch(addr) {
             Ok(doc) => {
@@ -335,7 +337,8 @@ fn build(origins: Vec<Origin>, errors: Vec<String>, warnings: Vec<String>) -> Re
             None | Some("off") => None,
             Some(u) => Some(UrlTemplate::parse(u).map_err(|e| internal("manager_url", e))?),
         },
-        mmds: mmds::parse_setting(get("mmds").unwrap_or("off")).map_err(|e| internal("mmds", e))?,
+        mmds: settings::parse_mmds(get("mmds").unwrap_or("off"))
+            .map_err(|e| internal("mmds", e))?,
         kmsg: get("kmsg").filter(|k| *k != "off").map(PathBuf::from),
         origins: origins.clone(),
         errors,
@@ -425,8 +428,8 @@ fn read_token_file(path: &Path) -> std::result::Result<(Secret, Option<String>),
 /// share of MemTotal when that is less (docs/design.md#delivery). Without
 /// a readable `meminfo` the absolute bound holds.
 fn buffer_max_bytes(proc_root: &Path) -> usize {
-    let total_kb = crate::collect::ProcFile::new(proc_root, "meminfo")
-        .parse(crate::collect::meminfo::parse)
+    let total_kb = ProcFile::new(proc_root, "meminfo")
+        .parse(meminfo::parse)
         .map(|m| m.total_kb)
         .unwrap_or(u64::MAX / 1024);
     let share = (total_kb.saturating_mul(1024) / settings::BUFFER_MEMORY_SHARE as u64)
@@ -438,7 +441,7 @@ impl Config {
     /// How many samples fit in the buffer's byte bound, at a typical
     /// sample's size: less than `buffer` when the bound clamps it.
     pub fn buffer_fits(&self) -> usize {
-        (self.buffer_max_bytes / crate::buffer::TYPICAL_SAMPLE_BYTES).min(self.buffer)
+        (self.buffer_max_bytes / crate::sample::TYPICAL_SAMPLE_BYTES).min(self.buffer)
     }
 
     /// The `--print-config` object: `{"interval": {"value": "5s", "source":
@@ -482,10 +485,10 @@ impl Config {
 
     /// The push target with `{gateway}` filled in from the proc root's
     /// route table; `None` when pushing is off or no default route exists.
-    pub fn resolved_target(&self) -> Option<crate::route::Target> {
+    pub fn resolved_target(&self) -> Option<Target> {
         let url = self.url.as_ref()?;
         let gateway = if url.needs_gateway() {
-            crate::route::default_gateway(&self.proc_root)
+            route::default_gateway(&self.proc_root)
                 .map_err(|e| log::warn!("{e}"))
                 .ok()
                 .flatten()

@@ -3,8 +3,10 @@
 //! `--print-config` (docs/design.md#configuration). Adding a setting is one
 //! row here and one field in [`super::Config`].
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
+
+use crate::net::url::UrlTemplate;
 
 /// One setting, as every source names it.
 #[derive(Debug)]
@@ -62,6 +64,12 @@ pub const MAX_TOKEN_FILE: u64 = 4096;
 pub const MAX_BATCH: usize = 10_000;
 /// Longest VM id accepted, in bytes.
 pub const MAX_VM_ID: usize = 256;
+/// The kernel log device, watched for snapshot restores by default
+/// (docs/snapshots.md).
+pub const DEFAULT_KMSG: &str = "/dev/kmsg";
+/// Where Firecracker's MMDS answers unless the host chose another address.
+pub const DEFAULT_MMDS: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)), 80);
 
 /// Every setting, in the order `--help` and `--print-config` show them.
 pub const SETTINGS: &[Setting] = &[
@@ -195,7 +203,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "kmsg",
         value_name: "PATH|off",
-        default: Some(crate::restore::KMSG),
+        default: Some(DEFAULT_KMSG),
         on_cmdline: true,
         secret: false,
         help: "kernel log watched for snapshot restores (VMGenID); off disables the detection",
@@ -240,6 +248,26 @@ pub fn parse_listen(v: &str) -> Result<Option<SocketAddr>, String> {
         .map_err(|_| "an address such as 127.0.0.1:8080 or [::1]:8080, or off".into())
 }
 
+/// Parses the `mmds` setting: `off`, `on` (the default address), or an
+/// address with an optional port (80).
+pub fn parse_mmds(v: &str) -> Result<Option<SocketAddr>, String> {
+    let expected = "off, on, or ADDR[:PORT] such as 169.254.169.254 or 10.0.2.100:80";
+    match v.trim() {
+        "off" => Ok(None),
+        "on" => Ok(Some(DEFAULT_MMDS)),
+        v => {
+            let addr = v
+                .parse::<SocketAddr>()
+                .or_else(|_| v.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 80)))
+                .map_err(|_| expected.to_string())?;
+            if addr.port() == 0 {
+                return Err(expected.into());
+            }
+            Ok(Some(addr))
+        }
+    }
+}
+
 /// Parses a log level name.
 pub fn parse_log(v: &str) -> Result<log::LevelFilter, String> {
     v.parse()
@@ -250,7 +278,7 @@ fn check_url(v: &str) -> Result<(), String> {
     if v == "off" {
         return Ok(());
     }
-    crate::route::UrlTemplate::parse(v).map(|_| ())
+    UrlTemplate::parse(v).map(|_| ())
 }
 
 fn check_interval(v: &str) -> Result<(), String> {
@@ -265,9 +293,17 @@ fn check_listen(v: &str) -> Result<(), String> {
     parse_listen(v).map(|_| ())
 }
 
+/// A VM id goes into samples and into the path of the guest-address
+/// report (`/v1/vms/{vm_id}/guest-ip`, docs/manager.md), so it is held to
+/// what a URL path segment carries as it is: RFC 3986's unreserved
+/// characters, and not a `.` or `..` segment. Every id a manager hands out
+/// (a UUID, `vm-123`) is one.
 fn check_vm_id(v: &str) -> Result<(), String> {
-    if v.is_empty() || v.len() > MAX_VM_ID || v.chars().any(char::is_control) {
-        return Err(format!("1 to {MAX_VM_ID} bytes without control characters"));
+    let unreserved = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~');
+    if v.is_empty() || v.len() > MAX_VM_ID || !v.bytes().all(unreserved) || v == "." || v == ".." {
+        return Err(format!(
+            "1 to {MAX_VM_ID} letters, digits, '-', '.', '_' or '~' (a UUID, say), not . or .."
+        ));
     }
     Ok(())
 }
@@ -314,7 +350,7 @@ fn check_token(v: &str) -> Result<(), String> {
 }
 
 fn check_mmds(v: &str) -> Result<(), String> {
-    super::mmds::parse_setting(v).map(|_| ())
+    parse_mmds(v).map(|_| ())
 }
 
 fn check_kmsg(v: &str) -> Result<(), String> {
@@ -371,6 +407,13 @@ mod tests {
             ("vm_id", "vm-7", true),
             ("vm_id", "", false),
             ("vm_id", "a\nb", false),
+            ("vm_id", "6f1c9e2a-0b1d-4c1e-9f00-1234567890ab", true),
+            ("vm_id", "a b", false),
+            ("vm_id", "../../admin/reset?x=", false),
+            ("vm_id", "a/b", false),
+            ("vm_id", "..", false),
+            ("vm_id", "a%2Fb", false),
+            ("vm_id", "vm.7_a~b", true),
             ("token", "s3cr3t", true),
             ("token", "has space", false),
             ("url", "off", true),
@@ -394,6 +437,24 @@ mod tests {
         for (name, value, ok) in cases {
             let r = (setting(name).unwrap().check)(value);
             assert_eq!(r.is_ok(), *ok, "{name}={value:?}: {r:?}");
+        }
+    }
+
+    #[test]
+    fn mmds_setting_values() {
+        assert_eq!(parse_mmds("off"), Ok(None));
+        assert_eq!(parse_mmds("on"), Ok(Some(DEFAULT_MMDS)));
+        assert_eq!(
+            parse_mmds("10.0.2.100"),
+            Ok(Some("10.0.2.100:80".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_mmds("127.0.0.1:8123"),
+            Ok(Some("127.0.0.1:8123".parse().unwrap()))
+        );
+        assert!(parse_mmds("[::1]:80").is_ok());
+        for bad in ["", "yes", "host.example:80", "10.0.2.100:0", "10.0.2.100:x"] {
+            assert!(parse_mmds(bad).is_err(), "{bad:?}");
         }
     }
 }

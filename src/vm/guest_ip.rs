@@ -14,15 +14,15 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
-use crate::client::Client;
+use crate::collect::route;
 use crate::config::Config;
-use crate::route::{self, Lookups, UrlTemplate};
-use crate::status::Shared;
+use crate::net::address::source_address;
+use crate::net::client::Client;
+use crate::net::url::{Target, UrlTemplate};
+use crate::status::{GuestIpReport, GuestIpState, Status};
 use crate::stop::Stop;
 
 /// Time between attempts until a report succeeds (the old agent's 5 s).
@@ -32,130 +32,43 @@ pub const RETRY_EVERY: Duration = Duration::from_secs(5);
 pub const REFRESH_EVERY: Duration = Duration::from_secs(30);
 /// How often the guest's address is looked at; a change is reported at once.
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
-/// The path under the manager's base URL, around the VM id.
+/// The path under the manager's base URL, around the VM id. The VM id is
+/// made of URL-safe characters only (its configuration check,
+/// docs/design.md#configuration), so it goes into the path as it is.
 fn report_url(base: &str, vm_id: &str) -> String {
     format!("{}/v1/vms/{vm_id}/guest-ip", base.trim_end_matches('/'))
 }
 
-/// Where the report stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum GuestIpState {
-    /// Configured without a VM id: nothing can be reported.
-    Off,
-    /// No report sent yet (no route or address yet).
-    Waiting,
-    /// The last report was accepted.
-    Ok,
-    /// The last report failed; retried every [`RETRY_EVERY`].
-    Failing,
-}
-
-/// The report's state as `/health` shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct GuestIpReport {
-    /// The report URL as configured (`{gateway}` unfilled).
-    pub url: String,
-    /// Where it stands.
-    pub state: GuestIpState,
-    /// The address the manager last accepted.
-    pub reported_ip: Option<String>,
-    /// Milliseconds since the manager last accepted a report.
-    pub last_report_age_ms: Option<u64>,
-    /// Reports accepted since start.
-    pub reports: u64,
-    /// Failed attempts since the last accepted one.
-    pub consecutive_failures: u64,
-    /// The most recent failure, kept after recovery for diagnosis.
-    pub last_error: Option<String>,
-}
-
-#[derive(Debug)]
-struct Inner {
-    report: GuestIpReport,
-    last_ok_at: Option<Instant>,
-}
-
-/// The report's state, shared with `/health`; empty when reporting is off.
-#[derive(Debug)]
-pub struct ReportState(Option<Mutex<Inner>>);
-
-impl ReportState {
-    /// The state for `config`: present when a manager URL is configured.
-    pub fn new(config: &Config) -> ReportState {
-        ReportState(config.manager_url.as_ref().map(|m| {
-            let (url, state, error) = match &config.vm_id {
-                Some(id) => (report_url(m.as_str(), id), GuestIpState::Waiting, None),
-                None => (
-                    report_url(m.as_str(), "{vm_id}"),
-                    GuestIpState::Off,
-                    Some("no vm_id configured (VM_ID in the config file)".to_string()),
-                ),
-            };
-            Mutex::new(Inner {
-                report: GuestIpReport {
-                    url,
-                    state,
-                    reported_ip: None,
-                    last_report_age_ms: None,
-                    reports: 0,
-                    consecutive_failures: 0,
-                    last_error: error,
-                },
-                last_ok_at: None,
-            })
-        }))
-    }
-
-    fn lock(&self) -> Option<MutexGuard<'_, Inner>> {
-        // Plain data, every update a few assignments: a poisoned lock is
-        // still consistent.
-        self.0
-            .as_ref()
-            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    /// What `/health` shows.
-    pub fn snapshot(&self) -> Option<GuestIpReport> {
-        let inner = self.lock()?;
-        let mut r = inner.report.clone();
-        r.last_report_age_ms = inner.last_ok_at.map(|t| t.elapsed().as_millis() as u64);
-        Some(r)
-    }
-
-    fn accepted(&self, ip: &str) {
-        if let Some(mut inner) = self.lock() {
-            inner.report.state = GuestIpState::Ok;
-            inner.report.reported_ip = Some(ip.to_string());
-            inner.report.reports += 1;
-            inner.report.consecutive_failures = 0;
-            inner.last_ok_at = Some(Instant::now());
-        }
-    }
-
-    /// Records a failure; true when it ends a run of successes (or is the
-    /// first ever), so that it is logged once, not every 5 s.
-    fn failed(&self, error: String) -> bool {
-        let Some(mut inner) = self.lock() else {
-            return false;
-        };
-        let first = inner.report.consecutive_failures == 0;
-        inner.report.state = GuestIpState::Failing;
-        inner.report.consecutive_failures += 1;
-        inner.report.last_error = Some(error);
-        first
-    }
+/// The report's first state, as `/health` shows it before any attempt;
+/// `None` when no manager URL is configured.
+pub fn initial_report(config: &Config) -> Option<GuestIpReport> {
+    let m = config.manager_url.as_ref()?;
+    let (url, state, error) = match &config.vm_id {
+        Some(id) => (report_url(m.as_str(), id), GuestIpState::Waiting, None),
+        None => (
+            report_url(m.as_str(), "{vm_id}"),
+            GuestIpState::Off,
+            Some("no vm_id configured (VM_ID in the config file)".to_string()),
+        ),
+    };
+    Some(GuestIpReport {
+        url,
+        state,
+        reported_ip: None,
+        last_report_age_ms: None,
+        reports: 0,
+        consecutive_failures: 0,
+        last_error: error,
+    })
 }
 
 /// The reporter thread's state.
 pub struct Reporter {
-    shared: Arc<Shared>,
+    status: Arc<Status>,
     template: UrlTemplate,
     vm_id: String,
     proc_root: PathBuf,
-    timeout: Duration,
     client: Client,
-    lookups: Lookups,
     /// The manager's address, kept between attempts for the address check.
     manager: Option<SocketAddr>,
     /// The address seen at the last check.
@@ -173,7 +86,7 @@ pub struct Reporter {
 
 impl Reporter {
     /// A reporter for `config`, when it names a manager URL and a VM id.
-    pub fn new(config: &Config, shared: Arc<Shared>) -> Option<Reporter> {
+    pub fn new(config: &Config, status: Arc<Status>) -> Option<Reporter> {
         let template = config.manager_url.clone()?;
         let Some(vm_id) = config.vm_id.clone() else {
             log::warn!(
@@ -182,17 +95,12 @@ impl Reporter {
             );
             return None;
         };
-        // The agent's one HTTP client: only the manager, no proxy, no
-        // redirects, a deadline on the whole request.
-        let client = Client::tcp(format!("guest-agent/{}", crate::AGENT_VERSION));
         Some(Reporter {
-            shared,
+            status,
             template,
             vm_id,
             proc_root: config.proc_root.clone(),
-            timeout: config.timeout,
-            client,
-            lookups: Lookups::default(),
+            client: Client::tcp(config.timeout),
             manager: None,
             current: None,
             reported: None,
@@ -224,7 +132,7 @@ impl Reporter {
     /// first sample of the new run shows the id, the report is sent again
     /// at once.
     fn after_restore(&mut self, now: Instant) {
-        let restores = self.shared.restores();
+        let restores = self.status.restores();
         if restores != self.restores {
             self.restores = restores;
             self.restore_pending = true;
@@ -235,7 +143,7 @@ impl Reporter {
         if !self.restore_pending {
             return;
         }
-        let Some(latest) = self.shared.latest() else {
+        let Some(latest) = self.status.latest() else {
             return;
         };
         if latest.restore_count < self.restores {
@@ -255,7 +163,7 @@ impl Reporter {
         let Some(manager) = self.manager else {
             return;
         };
-        let ip = route::source_address(manager).ok();
+        let ip = source_address(manager).ok();
         if ip.is_some() && ip != self.current {
             if let (Some(old), Some(new)) = (self.reported, ip) {
                 log::info!("guest address changed from {old} to {new}; telling the manager");
@@ -274,7 +182,7 @@ impl Reporter {
                     log::warn!("guest address report: {why}; trying again");
                     self.said_no_route = true;
                 }
-                self.shared.guest_ip_report.failed(why);
+                self.status.report_failed(why);
                 self.next_attempt = Instant::now() + RETRY_EVERY;
                 return;
             }
@@ -282,7 +190,7 @@ impl Reporter {
         self.said_no_route = false;
         let Some(ip) = self.current else {
             let why = format!("no route toward the manager at {url}");
-            if self.shared.guest_ip_report.failed(why.clone()) {
+            if self.status.report_failed(why.clone()) {
                 log::warn!("guest address report: {why}; trying again");
             }
             self.next_attempt = Instant::now() + RETRY_EVERY;
@@ -294,11 +202,11 @@ impl Reporter {
                     log::info!("told the manager the guest's address {ip} ({url})");
                 }
                 self.reported = Some(ip);
-                self.shared.guest_ip_report.accepted(&ip.to_string());
+                self.status.report_accepted(&ip.to_string());
                 self.next_attempt = Instant::now() + REFRESH_EVERY;
             }
             Err(why) => {
-                if self.shared.guest_ip_report.failed(why.clone()) {
+                if self.status.report_failed(why.clone()) {
                     log::warn!(
                         "guest address report failed: {why}; retrying every {}s",
                         RETRY_EVERY.as_secs()
@@ -327,33 +235,29 @@ impl Reporter {
         let addr = match target.literal() {
             Some(a) => a,
             None => self
-                .lookups
-                .resolve(&target.host, target.port, self.timeout)
-                .map_err(|e| format!("{}: {e}", target.host))?,
+                .client
+                .lookup(&target.host, target.port)
+                .map_err(|e| e.to_string())?,
         };
         self.manager = Some(addr);
-        self.current = route::source_address(addr).ok();
+        self.current = source_address(addr).ok();
         Ok(report_url(&target.url, &self.vm_id))
     }
 
     fn post(&mut self, url: &str, ip: IpAddr) -> Result<(), String> {
-        let target = UrlTemplate::parse(url)
-            .ok()
-            .and_then(|t| t.resolve(None))
-            .ok_or_else(|| format!("{url}: not a URL the client can ask"))?;
+        let target = Target::http(url).map_err(|e| format!("{url}: {e}"))?;
         // An address's text needs no JSON escaping.
         let body = format!("{{\"guest_ip\":\"{ip}\"}}");
         let answer = self
             .client
             .post(
                 &target,
-                &[("Content-Type", "application/json")],
+                &[("content-type", "application/json")],
                 body.as_bytes(),
-                self.timeout,
-                &self.lookups,
+                None,
             )
             .map_err(|e| format!("{url}: {e}"))?;
-        let text = String::from_utf8_lossy(self.client.body().unwrap_or_default());
+        let text = String::from_utf8_lossy(self.client.body());
         match answer.status {
             200..=299 => Ok(()),
             status @ (400 | 404 | 422) => Err(format!(

@@ -1,10 +1,19 @@
-//! Retry delays after a failed push (docs/design.md#delivery): exponential from 1 s,
-//! capped at 60 s, with full jitter, unless the manager said `Retry-After`.
+//! Retry delays after a failed push (docs/design.md#delivery): exponential
+//! from 1 s, capped at 60 s, with full jitter above a floor, unless the
+//! manager said `Retry-After`, which is held to the same floor.
+//!
+//! The floor is what keeps a fleet from hammering a struggling manager: a
+//! manager answering `503` with `Retry-After: 0`, or a jittered delay that
+//! comes out near zero, would otherwise have every agent ask again at once,
+//! thousands of times a second.
 
 use std::time::Duration;
 
-/// The first retry ceiling.
+/// The first retry ceiling, and the shortest wait after any failure.
 pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
+/// The shortest wait before a retry, whatever the jitter or the manager's
+/// `Retry-After` say.
+pub const MIN_RETRY_DELAY: Duration = BACKOFF_BASE;
 /// The largest retry ceiling.
 pub const BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// The longest `Retry-After` obeyed; a larger one is taken as this.
@@ -45,14 +54,17 @@ impl Backoff {
     }
 
     /// Records a failure and returns how long to wait before the next try:
-    /// `retry_after` when the manager gave one, else uniform in [0, ceiling].
+    /// `retry_after` when the manager gave one, else uniform between
+    /// [`MIN_RETRY_DELAY`] and the ceiling; never less than
+    /// [`MIN_RETRY_DELAY`], never more than [`MAX_RETRY_AFTER`].
     pub fn next_delay(&mut self, retry_after: Option<Duration>) -> Duration {
         self.failures = self.failures.saturating_add(1);
         if let Some(ra) = retry_after {
-            return ra.min(MAX_RETRY_AFTER);
+            return ra.clamp(MIN_RETRY_DELAY, MAX_RETRY_AFTER);
         }
-        let ceiling = self.ceiling().as_millis() as u64;
-        Duration::from_millis(self.next_random() % (ceiling + 1))
+        let floor = MIN_RETRY_DELAY.as_millis() as u64;
+        let span = (self.ceiling().as_millis() as u64).saturating_sub(floor);
+        Duration::from_millis(floor + self.next_random() % (span + 1))
     }
 
     fn next_random(&mut self) -> u64 {
@@ -66,10 +78,16 @@ impl Backoff {
     }
 }
 
-/// Parses a `Retry-After` header given in seconds (the HTTP-date form is not
-/// used by managers and is ignored).
+/// Parses a `Retry-After` header given in seconds: `1*DIGIT` (RFC 9110
+/// section 10.2.3), so `+5`, `-1` or `5.0` are not a delay. The HTTP-date
+/// form is not used by managers and is ignored.
 pub fn parse_retry_after(v: &str) -> Option<Duration> {
-    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+    let v = v.trim();
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // Digits too many for a u64 are a very long delay, capped by the caller.
+    Some(Duration::from_secs(v.parse::<u64>().unwrap_or(u64::MAX)))
 }
 
 #[cfg(test)]
@@ -98,7 +116,20 @@ mod tests {
         }
         assert!(seen.len() > 50, "jitter should spread delays");
         b.reset();
-        assert!(b.next_delay(None) <= BACKOFF_BASE);
+        assert_eq!(b.next_delay(None), MIN_RETRY_DELAY);
+    }
+
+    #[test]
+    fn no_delay_is_ever_below_the_floor() {
+        let mut b = Backoff::new("floor");
+        for _ in 0..1000 {
+            assert!(b.next_delay(None) >= MIN_RETRY_DELAY);
+        }
+        assert_eq!(b.next_delay(Some(Duration::ZERO)), MIN_RETRY_DELAY);
+        assert_eq!(
+            b.next_delay(Some(Duration::from_millis(10))),
+            MIN_RETRY_DELAY
+        );
     }
 
     #[test]
@@ -113,6 +144,14 @@ mod tests {
             MAX_RETRY_AFTER
         );
         assert_eq!(parse_retry_after(" 2 "), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after("0"), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        for bad in ["+5", "-1", "5.0", "", " ", "5s", "0x5", "1 2"] {
+            assert_eq!(parse_retry_after(bad), None, "{bad:?}");
+        }
+        assert_eq!(
+            b.next_delay(parse_retry_after("99999999999999999999999")),
+            MAX_RETRY_AFTER
+        );
     }
 }

@@ -10,9 +10,11 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use crate::client::{Client, Error as ClientError};
+use http::Method;
+
 use crate::config::Config;
-use crate::route::{Lookups, UrlTemplate};
+use crate::net::client::{Client, Error as ClientError};
+use crate::net::url::Target;
 
 /// The whole exchange (connect, request, answer) must end within this: a
 /// stopped or wedged agent still accepts connections (the kernel completes
@@ -79,30 +81,26 @@ pub fn run(config: &Config) -> i32 {
 
 /// One request, `Connection: close`; the status and body of the answer.
 fn ask(addr: SocketAddr, deadline: Duration) -> Result<(u16, String), String> {
-    let target = UrlTemplate::parse(&format!("http://{addr}/health"))
-        .ok()
-        .and_then(|t| t.resolve(None))
-        .ok_or("not an address the client can ask")?;
-    let mut client = Client::tcp(format!("guest-agent/{}", crate::AGENT_VERSION));
+    let target = Target::http(&format!("http://{addr}/health"))?;
+    let mut client = Client::tcp(deadline);
     let answer = client
-        .request(
-            "GET",
-            &target,
-            &[("Connection", "close")],
-            b"",
-            deadline,
-            &Lookups::default(),
-        )
+        .request(Method::GET, &target, &[("connection", "close")], None, None)
         .map_err(|e| match e {
             ClientError::Timeout(_) => {
                 format!("no answer within {}", humantime::format_duration(deadline))
             }
             ClientError::Io(why) => why,
         })?;
-    let body = client
-        .body()
-        .ok_or("the answer's body is chunked or too long to read")?;
-    Ok((answer.status, String::from_utf8_lossy(body).into_owned()))
+    if !answer.complete {
+        return Err(format!(
+            "HTTP {}, with a body too long to read",
+            answer.status
+        ));
+    }
+    Ok((
+        answer.status,
+        String::from_utf8_lossy(client.body()).into_owned(),
+    ))
 }
 
 /// The body squeezed onto one line and cut to a readable length.
@@ -155,7 +153,11 @@ mod tests {
         );
         let head = t.join().unwrap();
         assert!(head.starts_with("GET /health HTTP/1.1\r\n"), "{head}");
-        assert!(head.contains("Connection: close\r\n"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n"),
+            "{head}"
+        );
     }
 
     #[test]

@@ -25,12 +25,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::Collector;
-use crate::config::{Config, Source};
-use crate::status::Shared;
-
-/// The kernel log device.
-pub const KMSG: &str = "/dev/kmsg";
+use crate::collect::Collector;
+use crate::config::{Config, Source, mmds};
+use crate::status::Status;
 
 /// What the kernel logs (since Linux 5.18) when VMGenID reports a new
 /// generation: the VM was resumed from a snapshot as a new instance.
@@ -187,14 +184,14 @@ impl Restorer {
     /// `run_id`, restore marker, identity from MMDS) and bumps the shared
     /// restore generation. True when a new run began: the caller numbers
     /// from 1 again.
-    pub fn check(&mut self, collector: &mut Collector, shared: &Shared) -> bool {
+    pub fn check(&mut self, collector: &mut Collector, status: &Status) -> bool {
         let Some(signal) = self.watcher.as_mut().and_then(Watcher::check) else {
             return false;
         };
         // The identity first: the MMDS request is bounded (config::mmds), and
         // a restore is rare, so this sample may be late but never mislabelled.
         let vm_id = match (self.mmds, self.vm_id_from_mmds) {
-            (Some(addr), true) => match crate::config::mmds::fetch(addr) {
+            (Some(addr), true) => match mmds::fetch(addr) {
                 Ok(doc) => doc.vm_id(),
                 Err(e) => {
                     log::warn!("after the restore: {e}; keeping vm_id");
@@ -205,7 +202,7 @@ impl Restorer {
         };
         match collector.restart_run(vm_id) {
             Ok(previous) => {
-                let generation = shared.note_restore();
+                let generation = status.note_restore();
                 log::warn!(
                     "restored from a snapshot ({signal:?}, restore {generation}): run {} replaces {previous}; seq starts again at 1",
                     collector.run_id()
@@ -254,7 +251,8 @@ mod tests {
         // Reading /dev/kmsg needs privileges this test may not have; where
         // it opens, a check must come back at once with nothing new or with
         // whatever was just logged, never wait.
-        let Ok(mut w) = Watcher::open(Path::new(KMSG)) else {
+        let kmsg = crate::config::settings::DEFAULT_KMSG;
+        let Ok(mut w) = Watcher::open(Path::new(kmsg)) else {
             return;
         };
         let _ = w.check();

@@ -15,8 +15,8 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
-use crate::Sample;
-use crate::sample::Value;
+use crate::sample::{Sample, footprint};
+use crate::status::BufferFigures;
 
 /// The sample queue shared by the collector and the sender.
 #[derive(Debug)]
@@ -41,35 +41,6 @@ struct Inner {
     /// Samples of the in-flight batch evicted by overflow.
     evicted_in_flight: u64,
 }
-
-/// The buffer's figures for `/health`, read under one lock.
-#[derive(Debug, Clone, Copy)]
-pub struct Stats {
-    /// Samples waiting.
-    pub len: usize,
-    /// Bytes they take.
-    pub bytes: usize,
-    /// Samples dropped so far because the buffer was full.
-    pub dropped: u64,
-}
-
-/// The memory a queued sample takes: the struct, its text fields and the
-/// shared pointer's counts. Allocator rounding is left out; the bound is
-/// about orders of magnitude, not bytes.
-pub fn footprint(sample: &Sample) -> usize {
-    let mut text = 0;
-    sample.visit(|_, v| {
-        if let Value::Text(t) = v {
-            text += t.len();
-        }
-    });
-    std::mem::size_of::<Sample>() + 2 * std::mem::size_of::<usize>() + text
-}
-
-/// What a sample with typical ids and names takes ([`footprint`]); used to
-/// say how many samples a byte bound holds before any was collected.
-pub const TYPICAL_SAMPLE_BYTES: usize =
-    std::mem::size_of::<Sample>() + 2 * std::mem::size_of::<usize>() + 160;
 
 impl Buffer {
     /// An empty buffer holding at most `capacity` samples (at least 1) and
@@ -157,13 +128,15 @@ impl Buffer {
         self.lock().queue.is_empty()
     }
 
-    /// The figures `/health` shows.
-    pub fn stats(&self) -> Stats {
+    /// The figures `/health` shows, read under one lock.
+    pub fn figures(&self) -> BufferFigures {
         let g = self.lock();
-        Stats {
+        BufferFigures {
             len: g.queue.len(),
             bytes: g.bytes,
             dropped: g.dropped,
+            capacity: self.capacity,
+            max_bytes: self.max_bytes,
         }
     }
 
@@ -281,28 +254,9 @@ impl Drop for Batch<'_> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-
-    pub(crate) fn sample(seq: u64) -> Sample {
-        let json = serde_json::json!({
-            "schema": 1, "agent_version": "t", "vm_id": null, "hostname": null,
-            "boot_id": null, "run_id": "r", "seq": seq, "timestamp_ms": 0,
-            "window_ms": 0, "guest_ip": null, "cpu_count": null,
-            "cpu_usage_percent": null, "cpu_iowait_percent": null,
-            "cpu_steal_percent": null, "procs_running": null, "procs_blocked": null,
-            "process_count": null, "load_average": null, "load_average_5": null,
-            "load_average_15": null, "memory_total_kb": null,
-            "memory_available_kb": null, "memory_used_kb": null,
-            "memory_usage_percent": null, "swap_total_kb": null, "swap_used_kb": null,
-            "uptime_seconds": null, "network_rx_bytes": null, "network_tx_bytes": null,
-            "disk_read_bytes": null, "disk_write_bytes": null,
-            "filesystem_total_kb": null, "filesystem_used_kb": null,
-            "pressure_cpu_some_avg10": null, "pressure_memory_some_avg10": null,
-            "pressure_io_some_avg10": null, "dropped_samples": 0
-        });
-        Sample::from_json_strict(&json).unwrap()
-    }
+    use crate::sample::fixture::sample;
 
     fn seqs(b: &Batch<'_>) -> Vec<u64> {
         b.samples().iter().map(|s| s.seq).collect()
@@ -376,7 +330,7 @@ pub(crate) mod tests {
         for i in 1..=10 {
             b.push(sample(i));
         }
-        let st = b.stats();
+        let st = b.figures();
         assert_eq!((st.len, st.dropped), (3, 7));
         assert_eq!(st.bytes, 3 * one);
         assert_eq!(seqs(&b.batch(10, None)), vec![8, 9, 10]);
@@ -389,7 +343,7 @@ pub(crate) mod tests {
         let b = Buffer::new(10, ROOMY);
         b.push(sample(1));
         b.batch(10, None).remove();
-        assert_eq!(b.stats().bytes, 0);
+        assert_eq!(b.figures().bytes, 0);
     }
 
     #[test]

@@ -1,13 +1,7 @@
 //! The local HTTP listener (docs/design.md#the-listener): `GET`/`HEAD
 //! /health` and `/metrics`, for an operator's `curl localhost:8080/health`
-//! and for the `/metrics` object of the pull-model agent this one replaces.
-//!
-//! A manager that pulls (docs/manager.md) parses `/metrics` into a struct
-//! whose [`PULL_REQUIRED`] figures may not be null: a sample missing one of
-//! them is answered 503 (as before the first sample) rather than with a body
-//! that manager would fail to parse. The old agent's `/configure-interface`
-//! (root network changes for any unauthenticated caller) is answered 501
-//! with the reason.
+//! and for the `/metrics` object of the pull-model agent this one replaces
+//! (what that manager needs of it is in [`super::pull`]).
 //!
 //! It runs beside collection and pushing and must never slow them, nor let a
 //! client grow the agent's memory: everything a client controls is bounded
@@ -27,8 +21,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use super::pull;
+use crate::deliver::buffer::Buffer;
 use crate::error::{Error, Result};
-use crate::status::Shared;
+use crate::status::{Health, HealthState, Status};
 
 /// Largest request head (request line and headers), in bytes. A head that
 /// does not end within it gets 431 and the connection is closed.
@@ -83,19 +79,22 @@ const THREAD_STACK: usize = 256 * 1024;
 /// How long `stop` waits to connect to its own listener to wake `accept`.
 const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The figures a pull-model manager requires in `/metrics` (docs/manager.md):
-/// its struct has them as plain `f64`/`u64`, so null fails its parse.
-pub const PULL_REQUIRED: &[&str] = &[
-    "cpu_usage_percent",
-    "memory_usage_percent",
-    "memory_used_kb",
-    "memory_total_kb",
-    "memory_available_kb",
-    "uptime_seconds",
-];
+/// What the listener reads: the shared status, and the buffer for its
+/// figures.
+#[derive(Debug, Clone)]
+pub struct View {
+    /// The status every stage updates.
+    pub status: Arc<Status>,
+    /// The buffer between collection and delivery.
+    pub buffer: Arc<Buffer>,
+}
 
-/// Why `/configure-interface` is not served (docs/manager.md).
-const CONFIGURE_INTERFACE_REFUSED: &str = "not implemented: /configure-interface would run ip and udhcpc as root for any unauthenticated caller on the VM's network; bring extra interfaces up from the guest's own network configuration instead";
+impl View {
+    /// What `/health` says now.
+    pub fn health(&self) -> Health {
+        self.status.health(self.buffer.figures())
+    }
+}
 
 /// A running listener.
 #[derive(Debug)]
@@ -145,10 +144,10 @@ impl Drop for Listener {
     }
 }
 
-/// Binds `addr` and serves /health and /metrics from `shared` on its own
+/// Binds `addr` and serves /health and /metrics from `view` on its own
 /// thread(s). A bind failure returns an error naming the address (the
 /// caller logs it and goes on without a listener).
-pub fn spawn(addr: SocketAddr, shared: Arc<Shared>) -> Result<Listener> {
+pub fn spawn(addr: SocketAddr, view: View) -> Result<Listener> {
     let net_err = |reason: String| Error::Network {
         target: addr.to_string(),
         reason,
@@ -162,7 +161,7 @@ pub fn spawn(addr: SocketAddr, shared: Arc<Shared>) -> Result<Listener> {
     let thread = thread::Builder::new()
         .name("listener".into())
         .stack_size(THREAD_STACK)
-        .spawn(move || accept_loop(listener, shared, flag))
+        .spawn(move || accept_loop(listener, view, flag))
         .map_err(|e| net_err(format!("cannot start the listener thread: {e}")))?;
     log::info!("listening on http://{local} (/health, /metrics)");
     Ok(Listener {
@@ -230,7 +229,7 @@ impl Drop for SlotGuard {
     }
 }
 
-fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
+fn accept_loop(listener: TcpListener, view: View, stop: Arc<AtomicBool>) {
     let slots = Arc::new(Slots(Mutex::new(
         (0..MAX_CONNECTIONS).map(|_| None).collect(),
     )));
@@ -281,14 +280,14 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Arc<AtomicBool>
             slots: slots.clone(),
             index,
         };
-        let shared = shared.clone();
+        let view = view.clone();
         let stop = stop.clone();
         let spawned = thread::Builder::new()
             .name("listener-conn".into())
             .stack_size(THREAD_STACK)
             .spawn(move || {
                 let _guard = guard;
-                Connection::new(stream, &shared, &stop).serve();
+                Connection::new(stream, &view, &stop).serve();
             });
         match spawned {
             Ok(t) => threads.push(t),
@@ -335,7 +334,7 @@ pub enum Route {
 /// ignored (`/health?x=1` is `/health`).
 pub fn route(method: &str, target: &str) -> Route {
     let path = target.split(['?', '#']).next().unwrap_or(target);
-    if path == "/configure-interface" {
+    if path == pull::CONFIGURE_INTERFACE {
         return Route::ConfigureInterface;
     }
     let known = matches!(path, "/health" | "/metrics");
@@ -506,22 +505,22 @@ fn json_body<T: serde::Serialize>(value: &T) -> (u16, Vec<u8>) {
     }
 }
 
-/// The status and body for `route`, read from `shared`. The status lock is
+/// The status and body for `route`, read from `view`. The status lock is
 /// held only inside `health()` and `latest()`, never while encoding.
-pub fn render(route: Route, shared: &Shared) -> (u16, Vec<u8>) {
+pub fn render(route: Route, view: &View) -> (u16, Vec<u8>) {
     match route {
         Route::Health => {
-            let health = shared.health();
+            let health = view.health();
             let (status, body) = json_body(&health);
             // The code follows the body's own verdict, so the two agree.
-            if status == 200 && health.status != crate::status::HealthState::Ok {
+            if status == 200 && health.status != HealthState::Ok {
                 (503, body)
             } else {
                 (status, body)
             }
         }
-        Route::Metrics => match shared.latest() {
-            Some(sample) => match missing_pull_figures(&sample) {
+        Route::Metrics => match view.status.latest() {
+            Some(sample) => match pull::missing_figures(&sample) {
                 missing if missing.is_empty() => json_body(&*sample),
                 missing => (
                     503,
@@ -533,21 +532,10 @@ pub fn render(route: Route, shared: &Shared) -> (u16, Vec<u8>) {
             },
             None => (503, error_body("no sample collected yet")),
         },
-        Route::ConfigureInterface => (501, error_body(CONFIGURE_INTERFACE_REFUSED)),
+        Route::ConfigureInterface => (501, error_body(pull::CONFIGURE_INTERFACE_REFUSED)),
         Route::NotFound => (404, error_body("not found; try /health or /metrics")),
         Route::MethodNotAllowed => (405, error_body("method not allowed; use GET or HEAD")),
     }
-}
-
-/// The [`PULL_REQUIRED`] figures that are null in `sample`.
-fn missing_pull_figures(sample: &crate::Sample) -> Vec<&'static str> {
-    let mut missing = Vec::new();
-    sample.visit(|name, value| {
-        if value == crate::sample::Value::Null && PULL_REQUIRED.contains(&name) {
-            missing.push(name);
-        }
-    });
-    missing
 }
 
 /// How waiting for input ended without data.
@@ -575,7 +563,7 @@ fn is_timeout(e: &io::Error) -> bool {
 /// One client connection, served until it closes, idles out or errs.
 struct Connection<'a> {
     stream: TcpStream,
-    shared: &'a Shared,
+    view: &'a View,
     stop: &'a AtomicBool,
     accepted: Instant,
     /// Received bytes not consumed yet; never more than [`MAX_HEAD`].
@@ -584,10 +572,10 @@ struct Connection<'a> {
 }
 
 impl<'a> Connection<'a> {
-    fn new(stream: TcpStream, shared: &'a Shared, stop: &'a AtomicBool) -> Connection<'a> {
+    fn new(stream: TcpStream, view: &'a View, stop: &'a AtomicBool) -> Connection<'a> {
         Connection {
             stream,
-            shared,
+            view,
             stop,
             accepted: Instant::now(),
             buf: vec![0; MAX_HEAD].into_boxed_slice(),
@@ -622,7 +610,7 @@ impl<'a> Connection<'a> {
                 }
                 Body::Length(_) | Body::Unframed => keep_alive = false,
             }
-            let (status, body) = render(request.route, self.shared);
+            let (status, body) = render(request.route, self.view);
             let allow = request.route == Route::MethodNotAllowed;
             if self
                 .send(status, &body, request.head_only, keep_alive, allow)
@@ -799,13 +787,6 @@ mod tests {
             route("GET", "/configure-interface?x"),
             Route::ConfigureInterface
         );
-    }
-
-    #[test]
-    fn pull_figures_are_named_in_the_sample() {
-        for f in PULL_REQUIRED {
-            assert!(crate::sample::FIELDS.contains(f), "{f}");
-        }
     }
 
     #[test]

@@ -13,14 +13,19 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::Sample;
-use crate::backoff::{Backoff, parse_retry_after};
-use crate::buffer::Batch;
-use crate::client::{Client, Error as ClientError};
+use http::Method;
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue};
+
+use super::backoff::{BACKOFF_CAP, Backoff, parse_retry_after};
+use super::buffer::{Batch, Buffer};
+use crate::collect::route;
 use crate::config::{Config, Format};
-use crate::encode;
-use crate::route::{self, Lookups, Target, UrlTemplate};
-use crate::status::Shared;
+use crate::net::address::source_address;
+use crate::net::client::{Client, Error as ClientError};
+use crate::net::url::{Peer, Target, UrlTemplate, VsockUrl};
+use crate::output;
+use crate::sample::Sample;
+use crate::status::Status;
 use crate::stop::Stop;
 
 /// How often a still-failing delivery is summarised in the log.
@@ -64,22 +69,23 @@ pub enum Outcome {
 /// steady state a sample wakes one thread, not two
 /// (docs/performance.md#one-wake-up-per-sample).
 pub struct Sender {
-    shared: Arc<Shared>,
+    status: Arc<Status>,
+    buffer: Arc<Buffer>,
     client: Client,
     template: UrlTemplate,
     proc_root: PathBuf,
     format: Format,
-    authorization: Option<String>,
+    /// Content type and authorization, made once: sent with every push.
+    headers: Vec<(HeaderName, HeaderValue)>,
     timeout: Duration,
     batch_limit: usize,
     backoff: Backoff,
     body: Vec<u8>,
     target: Option<Target>,
-    lookups: Lookups,
     resolve_again: bool,
     reported_no_route: bool,
     last_summary: Instant,
-    /// The restore generation last acted on (crate::restore).
+    /// The restore generation last acted on (docs/snapshots.md).
     restores: u64,
     /// No request before this (backoff, `Retry-After`, no route yet),
     /// whichever thread made the last one.
@@ -92,23 +98,46 @@ pub struct Sender {
 
 impl Sender {
     /// A sender for `config`'s URL; `None` when pushing is off.
-    pub fn new(config: &Config, shared: Arc<Shared>, seed: &str) -> Option<Sender> {
+    pub fn new(
+        config: &Config,
+        status: Arc<Status>,
+        buffer: Arc<Buffer>,
+        seed: &str,
+    ) -> Option<Sender> {
         let template = config.url.clone()?;
-        let client = client_for(&template);
-        let restores = shared.restores();
+        let peer = match VsockUrl::parse(template.as_str()) {
+            Ok(v) => Peer::Vsock {
+                cid: v.cid,
+                port: v.port,
+            },
+            Err(_) => Peer::Tcp,
+        };
+        let mut headers = vec![(
+            CONTENT_TYPE,
+            HeaderValue::from_static(output::content_type(config.format)),
+        )];
+        // The token passed its check (printable ASCII without spaces), so
+        // it is always a valid header value.
+        if let Some(token) = &config.token
+            && let Ok(mut v) = HeaderValue::try_from(format!("Bearer {}", token.0))
+        {
+            v.set_sensitive(true);
+            headers.push((AUTHORIZATION, v));
+        }
+        let restores = status.restores();
         Some(Sender {
-            shared,
-            client,
+            status,
+            buffer,
+            client: Client::for_peer(peer, config.timeout),
             template,
             proc_root: config.proc_root.clone(),
             format: config.format,
-            authorization: config.token.as_ref().map(|t| format!("Bearer {}", t.0)),
+            headers,
             timeout: config.timeout,
             batch_limit: config.batch,
             backoff: Backoff::new(seed),
             body: Vec::with_capacity(64 * 1024),
             target: None,
-            lookups: Lookups::default(),
             resolve_again: true,
             reported_no_route: false,
             last_summary: Instant::now(),
@@ -126,14 +155,14 @@ impl Sender {
         // Never poisoned in the release build (panic = abort); in tests a
         // panic elsewhere must not stop delivery: the state stays valid.
         let lock = || sender.lock().unwrap_or_else(|p| p.into_inner());
-        let (shared, timeout) = {
+        let (buffer, timeout) = {
             let mut s = lock();
             s.refresh_target(true);
-            (s.shared.clone(), s.timeout)
+            (s.buffer.clone(), s.timeout)
         };
         loop {
             let limit = lock().batch_limit;
-            let batch = shared.buffer.batch(limit, None);
+            let batch = buffer.batch(limit, None);
             if stop.is_set() || batch.is_empty() {
                 break;
             }
@@ -187,7 +216,7 @@ impl Sender {
             && !self.resolve_again
             && self.retry_at.is_none_or(|at| at <= now)
             && self.too_slow_for.is_none()
-            && self.shared.restores() == self.restores
+            && self.status.restores() == self.restores
     }
 
     /// Sends `batch` (the sample just collected, alone in the buffer) from
@@ -235,7 +264,7 @@ impl Sender {
     /// connections belong to the parent and the network may differ: the
     /// pool goes with the old client, and the route is looked up again.
     fn after_restore(&mut self) {
-        let restores = self.shared.restores();
+        let restores = self.status.restores();
         if restores == self.restores {
             return;
         }
@@ -246,9 +275,11 @@ impl Sender {
         log::info!("restored from a snapshot: new connections, route looked up again");
     }
 
-    /// The push target, looked up again after a connection failure. The
-    /// guest's address toward it is looked up with it, unless `with_guest_ip`
-    /// is false (at shutdown, where nothing may wait on a name lookup).
+    /// The push target, looked up again after a connection failure. A host
+    /// name is looked up with it, on this thread, and the next connections
+    /// go to what was found; the guest's address toward it is asked of the
+    /// routing table. Neither happens when `with_guest_ip` is false (at
+    /// shutdown, where nothing may wait on a name lookup).
     fn refresh_target(&mut self, with_guest_ip: bool) -> Option<Target> {
         if !self.resolve_again && self.target.is_some() {
             return self.target.clone();
@@ -271,17 +302,40 @@ impl Sender {
             log::info!("pushing to {}", t.url);
             self.reported_no_route = false;
         }
+        // A name that did not resolve now is looked up again before the
+        // next request, on this thread: until it resolves, the collection
+        // thread sends nothing itself (ureq would look it up there).
+        let mut resolved = true;
         if with_guest_ip {
-            let guest_ip = target
-                .as_ref()
-                .and_then(|t| route::guest_ip(t, &self.lookups, self.timeout))
+            let addr = match target.as_ref() {
+                Some(t) if t.peer == Peer::Tcp => {
+                    let a = self.address_of(t);
+                    resolved = a.is_some();
+                    a
+                }
+                _ => None,
+            };
+            let guest_ip = addr
+                .and_then(|a| source_address(a).ok())
                 .map(|ip| ip.to_string());
             let url = target.as_ref().map(|t| t.url.clone());
-            self.shared.status().set_target(url, guest_ip);
+            self.status.set_target(url, guest_ip);
         }
         self.target = target;
-        self.resolve_again = false;
+        self.resolve_again = !resolved;
         self.target.clone()
+    }
+
+    /// The socket address of a TCP target: its literal, or its name looked
+    /// up now (and remembered for the connections that follow). `None`
+    /// for a name that does not resolve.
+    fn address_of(&self, target: &Target) -> Option<std::net::SocketAddr> {
+        target.literal().or_else(|| {
+            self.client
+                .lookup(&target.host, target.port)
+                .map_err(|e| log::debug!("pushing to {}: {e}", target.url))
+                .ok()
+        })
     }
 
     /// Waiting for a default route is not a failure of the manager: no
@@ -294,7 +348,7 @@ impl Sender {
             );
             self.reported_no_route = true;
         }
-        self.shared.status().waiting_for_route();
+        self.status.waiting_for_route();
         self.resolve_again = true;
         Some(NO_ROUTE_POLL)
     }
@@ -308,23 +362,13 @@ impl Sender {
         timeout: Option<Duration>,
     ) -> Outcome {
         let url = &target.url;
-        encode::encode(batch, self.format, &mut self.body);
-        let auth = self.authorization.as_deref().unwrap_or("");
-        let headers = [
-            ("Content-Type", encode::content_type(self.format)),
-            ("Authorization", auth),
-        ];
-        let headers = if auth.is_empty() {
-            &headers[..1]
-        } else {
-            &headers[..]
-        };
-        let answer = self.client.post(
+        output::encode(batch, self.format, &mut self.body);
+        let answer = self.client.send(
+            Method::POST,
             target,
-            headers,
-            &self.body,
-            timeout.unwrap_or(self.timeout),
-            &self.lookups,
+            &self.headers,
+            Some(&self.body),
+            timeout,
         );
         // A response cut off mid-way is an error of the client, not an
         // answer: retrying may deliver twice, and the manager de-duplicates
@@ -360,11 +404,11 @@ impl Sender {
         match outcome {
             Outcome::Delivered => {
                 batch.remove();
-                let ended = self.shared.status().delivered(n as u64);
+                let ended = self.status.delivered(n as u64);
                 if ended > 0 {
                     log::info!(
                         "delivering again after {ended} failed attempts; {} samples buffered",
-                        self.shared.buffer.len()
+                        self.buffer.len()
                     );
                 }
                 self.backoff.reset();
@@ -385,21 +429,21 @@ impl Sender {
                     "manager refused samples seq {first}..={last} with HTTP {status}; they are dropped"
                 );
                 log::error!("{msg}");
-                self.shared.status().refused(n as u64, msg);
+                self.status.refused(n as u64, msg);
                 self.backoff.reset();
                 None
             }
             Outcome::NoIngestRoute(error) => {
                 drop(batch);
-                let buffered = self.shared.buffer.len();
-                if self.shared.status().no_ingest_route(error.clone()) {
+                let buffered = self.buffer.len();
+                if self.status.no_ingest_route(error.clone()) {
                     log::warn!(
                         "{error}; keeping the newest {} samples (now {buffered}) and asking again every {}s; a pull-model manager reads /metrics meanwhile",
-                        self.shared.buffer.capacity(),
-                        crate::backoff::BACKOFF_CAP.as_secs()
+                        self.buffer.capacity(),
+                        BACKOFF_CAP.as_secs()
                     );
                 }
-                Some(crate::backoff::BACKOFF_CAP)
+                Some(BACKOFF_CAP)
             }
             Outcome::Retry {
                 error,
@@ -412,8 +456,8 @@ impl Sender {
                     self.resolve_again = true;
                 }
                 let delay = self.backoff.next_delay(retry_after);
-                let buffered = self.shared.buffer.len();
-                let failure = self.shared.status().failed(error.clone());
+                let buffered = self.buffer.len();
+                let failure = self.status.failed(error.clone());
                 if failure.first {
                     log::warn!("push failed: {error}; keeping {buffered} samples and retrying");
                     self.last_summary = Instant::now();
@@ -421,7 +465,7 @@ impl Sender {
                     log::warn!(
                         "push still failing after {} attempts: {error}; {buffered} samples buffered, {} dropped",
                         failure.consecutive,
-                        self.shared.buffer.dropped()
+                        self.buffer.dropped()
                     );
                     self.last_summary = Instant::now();
                 } else {
@@ -436,9 +480,9 @@ impl Sender {
     /// fails, or `deadline` passes. Every request gets only the time left,
     /// and no name lookup for the guest's address is made.
     fn flush(&mut self, deadline: Instant) {
-        let shared = self.shared.clone();
+        let buffer = self.buffer.clone();
         loop {
-            let batch = shared.buffer.batch(self.batch_limit, Some(Instant::now()));
+            let batch = buffer.batch(self.batch_limit, Some(Instant::now()));
             if batch.is_empty() {
                 return;
             }
@@ -446,27 +490,14 @@ impl Sender {
             let target = self.refresh_target(false);
             let (Some(target), true) = (target, left >= MIN_FLUSH_REQUEST) else {
                 drop(batch);
-                log::warn!("exiting with {} samples undelivered", shared.buffer.len());
+                log::warn!("exiting with {} samples undelivered", buffer.len());
                 return;
             };
             let outcome = self.send(&target, batch.samples(), Some(left));
             if self.settle(outcome, batch).is_some() {
-                log::warn!("exiting with {} samples undelivered", shared.buffer.len());
+                log::warn!("exiting with {} samples undelivered", buffer.len());
                 return;
             }
         }
-    }
-}
-
-/// The client for a push target: HTTP over TCP, or over an AF_VSOCK
-/// stream for a `vsock://` URL (docs/vsock.md).
-fn client_for(template: &UrlTemplate) -> Client {
-    let user_agent = format!("guest-agent/{}", crate::AGENT_VERSION);
-    match crate::vsock::VsockUrl::parse(template.as_str()) {
-        Ok(vsock) => Client::stream(
-            crate::vsock::StreamConnector::vsock(vsock.cid, vsock.port),
-            user_agent,
-        ),
-        Err(_) => Client::tcp(user_agent),
     }
 }

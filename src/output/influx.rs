@@ -9,8 +9,10 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use crate::Sample;
-use crate::sample::Value;
+use crate::sample::{Sample, Value};
+
+/// The `Content-Type` of a line-protocol body.
+pub const CONTENT_TYPE: &str = "text/plain; charset=utf-8";
 
 /// The measurement name; series become `guest_<field>` in VictoriaMetrics.
 pub const MEASUREMENT: &str = "guest";
@@ -90,7 +92,7 @@ mod tests {
 
     #[test]
     fn tags_fields_and_timestamp() {
-        let mut c = crate::Collector::new(
+        let mut c = crate::collect::Collector::new(
             std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/host")),
             Some("vm 1,a=b".into()),
         )
@@ -120,7 +122,7 @@ mod tests {
 
     #[test]
     fn absent_tags_are_left_out() {
-        let mut s = crate::buffer::tests::sample(1);
+        let mut s = crate::sample::fixture::sample(1);
         s.memory_total_kb = Some(5);
         assert_eq!(
             line(&s),
