@@ -38,13 +38,22 @@ use std::collections::{HashMap, VecDeque};
 
 use serde::Serialize;
 
-use crate::sample::SCHEMA;
-use crate::sample::Sample;
+use crate::sample::{SCHEMA, Sample, Value};
 
 /// Largest body accepted, in bytes: the agent's largest batch (10,000
 /// samples) as it sends them, compact, is under this. Larger gets 413, on
 /// which the agent halves its batch.
 pub const MAX_BODY: usize = 8 * 1024 * 1024;
+
+/// Most samples in one body: the agent's largest batch. More gets 413.
+pub const MAX_SAMPLES: usize = 10_000;
+
+/// Longest text field of a sample, in bytes (`run_id`, `vm_id`,
+/// `hostname`, …): the agent's ids are 36-byte UUIDs, its VM ids at most
+/// 256 bytes, a Linux host name at most 64. A longer one is refused (400)
+/// before anything is remembered, so no sender can make the
+/// de-duplicator keep long keys.
+pub const MAX_TEXT: usize = 256;
 
 /// Pairs remembered per run (agent process) for de-duplication. The agent
 /// sends oldest first and only ever resends the batch in flight (at most
@@ -54,9 +63,11 @@ pub const MAX_BODY: usize = 8 * 1024 * 1024;
 pub const DEDUP_WINDOW: usize = 16 * 1024;
 
 /// Runs remembered; the least recently active is forgotten first (its
-/// resent samples would then count as new). At most
-/// `MAX_RUNS * DEDUP_WINDOW * 16` bytes, reached only when every run has
-/// pushed that many samples.
+/// resent samples would then count as new). The de-duplicator holds at
+/// most `MAX_RUNS × (DEDUP_WINDOW × 16 + MAX_TEXT + 64)` bytes, 256.3 MiB
+/// with these values, reached only when each of 1,024 runs has pushed
+/// 16,384 samples (23 hours at 5 s); [`Ingest::with_limits`] sets smaller
+/// ones (docs/manager.md#what-the-kit-keeps-in-memory).
 pub const MAX_RUNS: usize = 1024;
 
 /// The status to answer when the samples could not be stored: the agent
@@ -180,57 +191,151 @@ pub fn parse(body: &[u8]) -> Result<Vec<Sample>, Refusal> {
 
 /// Parses a POST body into samples with their fingerprints; no state is
 /// touched.
+///
+/// The body is read as a stream of array elements, each held as the raw
+/// text it is in the body (no copy) until it is checked: a body that is
+/// not an array of objects fails at its first wrong element, and at most
+/// [`MAX_SAMPLES`] are taken. What this holds is the parsed samples, never
+/// a tree of the whole body.
 fn parse_received(body: &[u8]) -> Result<Vec<Received>, Refusal> {
     check_length(body.len() as u64)?;
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| Refusal::malformed(format!("body is not JSON: {e}")))?;
-    let serde_json::Value::Array(items) = value else {
-        return Err(Refusal::malformed("body is not a JSON array of samples"));
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let mut items = Items {
+        out: Vec::new(),
+        refusal: None,
     };
-    if items.is_empty() {
+    let read = serde::Deserializer::deserialize_seq(&mut de, &mut items).and_then(|()| de.end());
+    if let Some(refusal) = items.refusal {
+        return Err(refusal);
+    }
+    read.map_err(|e| Refusal::malformed(format!("body is not a JSON array of samples: {e}")))?;
+    if items.out.is_empty() {
         return Err(Refusal::malformed("empty batch: no samples"));
     }
-    items
-        .into_iter()
-        .enumerate()
-        .map(|(i, item)| {
-            let obj = item
-                .as_object()
-                .ok_or_else(|| Refusal::malformed(format!("sample {i}: not a JSON object")))?;
-            match obj.get("schema").and_then(serde_json::Value::as_u64) {
-                Some(n) if n == u64::from(SCHEMA) => {}
-                Some(n) => {
-                    return Err(Refusal {
-                        status: 422,
-                        reason: format!(
-                            "sample {i}: schema {n}; this manager understands schema {SCHEMA}"
-                        ),
-                    });
-                }
-                None => {
-                    return Err(Refusal::malformed(format!(
-                        "sample {i}: no numeric \"schema\" field"
-                    )));
+    Ok(items.out)
+}
+
+/// The visitor of the body's array: each element is checked and parsed
+/// as it comes; the first refusal stops the read.
+struct Items {
+    out: Vec<Received>,
+    refusal: Option<Refusal>,
+}
+
+impl<'de> serde::de::Visitor<'de> for &mut Items {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON array of samples")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        use serde::de::Error as _;
+        while let Some(raw) = seq.next_element::<&'de serde_json::value::RawValue>()? {
+            let i = self.out.len();
+            let checked = if i >= MAX_SAMPLES {
+                Err(Refusal {
+                    status: 413,
+                    reason: format!("more than {MAX_SAMPLES} samples in one body"),
+                })
+            } else {
+                received(i, raw.get())
+            };
+            match checked {
+                Ok(r) => self.out.push(r),
+                Err(refusal) => {
+                    self.refusal = Some(refusal);
+                    return Err(A::Error::custom("refused"));
                 }
             }
-            // Object keys are ordered, so equal payloads give equal bytes.
-            let fingerprint = fnv1a(item.to_string().as_bytes());
-            let sample: Sample = serde_json::from_value(item)
-                .map_err(|e| Refusal::malformed(format!("sample {i}: {e}")))?;
-            Ok(Received {
-                sample,
-                fingerprint,
-            })
-        })
-        .collect()
+        }
+        Ok(())
+    }
+}
+
+/// Only the schema number of a sample, read before the rest so that a
+/// sample of another schema is told apart from a malformed one.
+#[derive(serde::Deserialize)]
+struct SchemaOnly {
+    schema: Option<u64>,
+}
+
+/// Sample `i` of a body, from its raw text: schema, shape, then the
+/// length of every text field.
+fn received(i: usize, raw: &str) -> Result<Received, Refusal> {
+    if !raw.starts_with('{') {
+        return Err(Refusal::malformed(format!("sample {i}: not a JSON object")));
+    }
+    match serde_json::from_str::<SchemaOnly>(raw)
+        .ok()
+        .and_then(|s| s.schema)
+    {
+        Some(n) if n == u64::from(SCHEMA) => {}
+        Some(n) => {
+            return Err(Refusal {
+                status: 422,
+                reason: format!("sample {i}: schema {n}; this manager understands schema {SCHEMA}"),
+            });
+        }
+        None => {
+            return Err(Refusal::malformed(format!(
+                "sample {i}: no numeric \"schema\" field"
+            )));
+        }
+    }
+    let sample: Sample =
+        serde_json::from_str(raw).map_err(|e| Refusal::malformed(format!("sample {i}: {e}")))?;
+    let mut too_long = None;
+    sample.visit(|name, value| {
+        if let Value::Text(t) = value
+            && t.len() > MAX_TEXT
+            && too_long.is_none()
+        {
+            too_long = Some(name);
+        }
+    });
+    if let Some(name) = too_long {
+        return Err(Refusal::malformed(format!(
+            "sample {i}: {name} is longer than {MAX_TEXT} bytes"
+        )));
+    }
+    Ok(Received {
+        sample,
+        fingerprint: fingerprint(raw.as_bytes()),
+    })
+}
+
+/// The fingerprint of a sample's payload as sent, unknown fields included:
+/// its text without the white space between tokens, so that the same
+/// sample sent again, however indented, is a duplicate and not a conflict.
+fn fingerprint(raw: &[u8]) -> u64 {
+    let (mut in_string, mut escaped) = (false, false);
+    let mut h = FNV_OFFSET;
+    for &b in raw {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if b == b'"' {
+            in_string = true;
+        } else if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            continue;
+        }
+        h = fnv1a_step(h, b);
+    }
+    h
 }
 
 /// FNV-1a, 64 bits: stable across processes and builds, unlike std's
 /// randomly keyed hasher, so fingerprints could be stored.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn fnv1a_step(h: u64, b: u8) -> u64 {
+    (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
 }
 
 /// One run's remembered pairs, `(seq, fingerprint)` sorted by seq.
@@ -303,11 +408,17 @@ impl Dedup {
         }
         let run = self.runs.entry(run_id.to_string()).or_default();
         run.last_active = self.clock;
-        if let Err(i) = run.pairs.binary_search_by_key(&seq, |p| p.0) {
-            run.pairs.insert(i, (seq, fingerprint));
-            if run.pairs.len() > self.window {
+        if let Err(mut i) = run.pairs.binary_search_by_key(&seq, |p| p.0) {
+            // Full: the oldest goes before the new one comes, so the queue
+            // never grows past the window (nor its allocation past it).
+            if run.pairs.len() >= self.window {
+                if i == 0 {
+                    return; // older than everything kept
+                }
                 run.pairs.pop_front();
+                i -= 1;
             }
+            run.pairs.insert(i, (seq, fingerprint));
         }
     }
 }
@@ -598,5 +709,79 @@ mod tests {
             assert_eq!(d.check("r", seq, seq), Verdict::Duplicate);
         }
         assert_eq!(d.check("r", 4, 4), Verdict::New);
+    }
+
+    #[test]
+    fn text_fields_are_bounded_before_anything_is_remembered() {
+        let mut ing = Ingest::new();
+        let long = "r".repeat(MAX_TEXT + 1);
+        let e = ing.receive(&body(&[sample(&long, 1, 1.0)])).unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.reason.contains("run_id is longer than 256 bytes"), "{e}");
+        assert_eq!(ing.dedup().runs(), 0);
+        let mut named = sample("r", 1, 1.0);
+        named["hostname"] = "h".repeat(MAX_TEXT + 1).into();
+        assert!(
+            ing.receive(&body(&[named]))
+                .unwrap_err()
+                .reason
+                .contains("hostname")
+        );
+        let at_limit = "r".repeat(MAX_TEXT);
+        assert_eq!(
+            ing.receive(&body(&[sample(&at_limit, 1, 1.0)]))
+                .unwrap()
+                .fresh()
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_body_that_is_not_samples_fails_at_its_first_wrong_element() {
+        let ing = Ingest::new();
+        // A megabyte of zeros is refused at the first one, never held as a tree.
+        let mut zeros = b"[0".to_vec();
+        zeros.extend(std::iter::repeat_n(&b",0"[..], 500_000).flatten());
+        zeros.push(b']');
+        let e = ing.prepare(&zeros).unwrap_err();
+        assert_eq!(
+            (e.status, e.reason.as_str()),
+            (400, "sample 0: not a JSON object")
+        );
+        let e = ing.prepare(br#"[{"schema": "1"}]"#).unwrap_err();
+        assert!(e.reason.contains("no numeric"), "{e}");
+        let e = ing.prepare(b"[{\"schema\":1}] trailing").unwrap_err();
+        assert_eq!(e.status, 400, "{e}");
+        // More samples than the agent ever batches: split, as for 413.
+        let many: Vec<serde_json::Value> = (0..=MAX_SAMPLES as u64)
+            .map(|s| sample("r", s, 0.0))
+            .collect();
+        assert_eq!(ing.prepare(&body(&many)).unwrap_err().status, 413);
+    }
+
+    #[test]
+    fn the_same_sample_indented_is_a_duplicate_and_a_changed_one_a_conflict() {
+        let mut ing = Ingest::new();
+        let compact = body(&[sample("r", 1, 1.0)]);
+        ing.receive(&compact).unwrap();
+        let pretty = serde_json::to_vec_pretty(&[sample("r", 1, 1.0)]).unwrap();
+        assert_eq!(ing.prepare(&pretty).unwrap().duplicates(), 1);
+        // A space inside a string is part of the payload.
+        let mut changed = sample("r", 1, 1.0);
+        changed["hostname"] = "h ".into();
+        assert_eq!(ing.prepare(&body(&[changed])).unwrap().conflicts().len(), 1);
+    }
+
+    #[test]
+    fn a_full_window_never_grows_its_queue() {
+        let mut d = Dedup::with_limits(1024, 1);
+        for seq in 1..=10_000 {
+            d.record("r", seq, seq);
+        }
+        let run = &d.runs["r"];
+        assert_eq!(run.pairs.len(), 1024);
+        assert!(run.pairs.capacity() <= 1024 * 2, "{}", run.pairs.capacity());
+        assert_eq!(run.pairs.front().map(|p| p.0), Some(10_000 - 1023));
     }
 }
