@@ -19,7 +19,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::AgentProcess;
+use common::{AgentProcess, enter_private_network};
 use pull_manager::{AGENT_PORT, StandIn};
 
 const VM_ID: &str = "6f1c2d3e-4b5a-4c6d-8e7f-0123456789ab";
@@ -36,44 +36,6 @@ fn installer_conf(dir: &Path, manager_url: &str) -> PathBuf {
     )
     .unwrap();
     path
-}
-
-/// Moves the calling thread (and every thread and process it starts from
-/// now on) into a new network namespace with loopback up. `Err` when this
-/// process may not create one.
-fn private_network() -> Result<(), String> {
-    // SAFETY: only the network namespace is unshared, which changes no file
-    // descriptor or memory another thread could see.
-    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNET) }
-        .map_err(|e| format!("unshare(CLONE_NEWNET): {e}"))?;
-    let up = Command::new("ip")
-        .args(["link", "set", "lo", "up"])
-        .status()
-        .map_err(|e| format!("cannot run ip (iproute2): {e}"))?;
-    if !up.success() {
-        return Err("ip link set lo up failed".into());
-    }
-    Ok(())
-}
-
-/// Moves this thread into a private network namespace; false (after
-/// saying so) when that is not possible here, which fails under `CI=true`.
-fn enter_private_network() -> bool {
-    match private_network() {
-        Ok(()) => true,
-        Err(why) => {
-            assert!(
-                !required(),
-                "a network namespace is required under CI=true: {why}"
-            );
-            report(format_args!("dropin: SKIPPED, no network namespace: {why}"));
-            false
-        }
-    }
-}
-
-fn required() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
 fn get_json(url: &str) -> (u16, serde_json::Value) {
@@ -95,7 +57,7 @@ fn report(line: impl std::fmt::Display) {
 
 #[test]
 fn the_installers_file_alone_serves_todays_manager() {
-    if !enter_private_network() {
+    if !enter_private_network("dropin") {
         return;
     }
     // From here on this thread, the stand-in and the agent see only the
@@ -213,15 +175,6 @@ fn the_installers_file_alone_serves_todays_manager() {
     );
 }
 
-/// Runs `ip ARGS` (in the caller's namespace), panicking on failure.
-fn ip(args: &str) {
-    let ok = Command::new("ip")
-        .args(args.split_whitespace())
-        .status()
-        .unwrap_or_else(|e| panic!("ip {args}: {e}"));
-    assert!(ok.success(), "ip {args} failed");
-}
-
 /// The guest's address toward the manager changes (a new lease): it is
 /// reported again at once, not at the next 30 s refresh, and the manager's
 /// pulls follow it. In a namespace of its own, the manager's address and the
@@ -229,13 +182,13 @@ fn ip(args: &str) {
 /// names the source address the kernel picks.
 #[test]
 fn a_new_address_is_reported_at_once() {
-    if !enter_private_network() {
+    if !enter_private_network("dropin") {
         return;
     }
     for a in ["10.88.0.1", "10.77.0.2", "10.77.0.3"] {
-        ip(&format!("addr add {a}/32 dev lo"));
+        common::ip(&format!("addr add {a}/32 dev lo"));
     }
-    ip("route replace local 10.88.0.1 dev lo table local src 10.77.0.2");
+    common::ip("route replace local 10.88.0.1 dev lo table local src 10.77.0.2");
     let manager = StandIn::start(
         "10.88.0.1:0".parse().unwrap(),
         Arc::new(|ip: &str| SocketAddr::new(ip.parse().unwrap(), AGENT_PORT)),
@@ -251,7 +204,7 @@ fn a_new_address_is_reported_at_once() {
             .find(|p| p.result.is_ok() && p.url.contains("10.77.0.2"))
     });
 
-    ip("route replace local 10.88.0.1 dev lo table local src 10.77.0.3");
+    common::ip("route replace local 10.88.0.1 dev lo table local src 10.77.0.3");
     let changed_at = Instant::now();
     let again = manager.wait_for(60, "the new address", |m| {
         m.reports().into_iter().find(|r| r.guest_ip == "10.77.0.3")

@@ -3,6 +3,8 @@
 //! server binds 127.0.0.1 on port 0; every wait has a generous deadline and
 //! no test asserts how long something took.
 
+mod common;
+
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::Path;
@@ -11,7 +13,9 @@ use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use guest_agent::internals::{Buffer, Listener, MAX_CONNECTIONS, Status, View, spawn_listener};
+use guest_agent::internals::{
+    Buffer, LOOPBACK_RESERVE, Listener, MAX_CONNECTIONS, Status, View, spawn_listener,
+};
 use guest_agent::{Collector, Sample};
 
 /// Longest any single wait may take before the test fails: far beyond
@@ -778,4 +782,132 @@ fn a_bind_failure_names_the_address() {
     let (_l, addr) = start(&shared);
     let err = spawn_listener(addr, shared.clone()).unwrap_err();
     assert!(err.to_string().contains(&addr.to_string()), "{err}");
+}
+
+/// A client that takes every slot and keeps each with a request every few
+/// seconds (well within the keep-alive wait) starved the listener before:
+/// `/health` answered 503 and the service's health check restarted the
+/// agent. Idle keep-alive connections now make room for a new client.
+#[test]
+fn idle_keep_alive_connections_make_room_for_a_new_client() {
+    let shared = shared("1m");
+    let (_l, addr) = start(&shared);
+    record(&shared, &mut collector(), 1);
+    let total = MAX_CONNECTIONS + LOOPBACK_RESERVE;
+    let mut held: Vec<Client> = (0..total)
+        .map(|_| {
+            let mut c = Client::connect(addr);
+            assert_eq!(c.get("GET", "/health").status, 200);
+            c
+        })
+        .collect();
+    // Every slot is taken by a connection waiting for its next request.
+    for round in 0..3 {
+        let r = Client::connect(addr).get("GET", "/health");
+        assert_eq!(r.status, 200, "round {round}: {:?}", r.body);
+        // The holder keeps asking on the connections it still has, as the
+        // reported client did.
+        for c in held.iter_mut() {
+            c.send("GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n");
+            let _ = c.try_response(false);
+        }
+    }
+    // The agent's own health check, through the same listener.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_guest-agent"))
+        .args(["--health", "--url", "off", "--listen", &addr.to_string()])
+        .args([
+            "--proc-root",
+            FIXTURE,
+            "--config",
+            "/nonexistent/guest-agent.conf",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Those made room for were closed by the listener.
+    let closed = held
+        .iter_mut()
+        .map(Client::closed_by_server)
+        .filter(|c| *c)
+        .count();
+    assert!(closed >= 1, "no idle connection was closed");
+}
+
+/// A peer on the network (the pull port listens on every address) that
+/// keeps every general slot busy with heads it never finishes cannot keep
+/// a loopback client out: a few slots are for loopback peers only. The
+/// "network" is a private network namespace this test makes, with two
+/// addresses of its own on its loopback device.
+#[test]
+fn a_network_peer_holding_every_slot_cannot_keep_loopback_out() {
+    if !common::enter_private_network("listener") {
+        return;
+    }
+    common::ip("addr add 10.66.0.1/32 dev lo");
+    common::ip("addr add 10.66.0.2/32 dev lo");
+    let config = guest_agent::config::resolve(
+        &[
+            ("url", "off".into()),
+            ("listen", "0.0.0.0:0".into()),
+            ("interval", "1m".into()),
+            ("proc_root", FIXTURE.into()),
+        ],
+        &[],
+        Some(Path::new("/nonexistent")),
+    )
+    .unwrap();
+    let view = View {
+        status: Arc::new(Status::new(config.interval, false, Vec::new(), None)),
+        buffer: Arc::new(Buffer::new(10, 1 << 20)),
+    };
+    let l = spawn_listener("0.0.0.0:0".parse().unwrap(), view).unwrap();
+    let port = l.local_addr().port();
+    let outside: SocketAddr = format!("10.66.0.1:{port}").parse().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Twice as many drippers as general slots, each reconnecting as soon
+    // as it is cut or refused, from the non-loopback address.
+    let drippers: Vec<_> = (0..2 * MAX_CONNECTIONS)
+        .map(|_| {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut connections = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let s =
+                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                            .unwrap();
+                    let from: SocketAddr = "10.66.0.2:0".parse().unwrap();
+                    s.bind(&from.into()).unwrap();
+                    if s.connect_timeout(&outside.into(), Duration::from_secs(5))
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    connections += 1;
+                    let mut s = TcpStream::from(s);
+                    for b in b"GET /health HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+                        if stop.load(Ordering::SeqCst) || s.write_all(&[*b]).is_err() {
+                            break;
+                        }
+                        thread::sleep(Duration::from_millis(100));
+                    }
+                }
+                connections
+            })
+        })
+        .collect();
+    // Let the drippers take the general slots.
+    thread::sleep(Duration::from_secs(1));
+    let inside: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    for i in 0..20 {
+        let r = Client::connect(inside).get("GET", "/health");
+        assert_eq!(r.status, 200, "loopback request {i}: {:?}", r.body);
+    }
+    stop.store(true, Ordering::SeqCst);
+    let connections: u64 = drippers.into_iter().map(|d| d.join().unwrap()).sum();
+    assert!(connections >= MAX_CONNECTIONS as u64, "{connections}");
+    l.stop();
 }

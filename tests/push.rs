@@ -322,6 +322,37 @@ fn retry_after_is_honoured() {
     println!("503 Retry-After 2: retried after {waited:?}, lost 0");
 }
 
+/// A struggling manager answering 503 with `Retry-After: 0` (or `+5`,
+/// which is no delay at all) got about 42,000 requests in 5 s from one
+/// agent. Every retry now waits at least the backoff's first step, so an
+/// agent at a 100 ms cadence asks a few times a second at the most, and
+/// its samples wait in the buffer.
+#[test]
+fn a_manager_saying_retry_after_0_is_never_hammered() {
+    for said in ["0", "+5", "-1"] {
+        let retry = vec![("Retry-After".to_string(), said.to_string())];
+        let rx = Receiver::start(Mode::Status(503, retry));
+        let a = start(&rx, &[]);
+        rx.wait_for(30, "first 503", |r| !r.requests().is_empty());
+        let first = rx.requests()[0].at;
+        // Five seconds of failures, then the manager recovers.
+        std::thread::sleep(Duration::from_secs(5));
+        let during = rx
+            .requests()
+            .iter()
+            .filter(|r| r.at < first + Duration::from_secs(5))
+            .count();
+        rx.set_mode(Mode::Accept);
+        wait_until(60, "delivery after the outage", || a.health().delivered > 0);
+        let h = a.stop();
+        // An upper bound, which a slow machine only makes easier to meet:
+        // at most one request per second of the outage, and the first.
+        assert!(during <= 6, "Retry-After {said}: {during} requests in 5 s");
+        assert_eq!(h.dropped, 0, "Retry-After {said}");
+        println!("503 Retry-After {said}: {during} requests in 5 s of outage, none lost");
+    }
+}
+
 #[test]
 fn too_large_splits_the_batch_then_drops_only_a_single_refused_sample() {
     // Build a backlog first so that the first batch has many samples.

@@ -9,14 +9,18 @@
 //! concurrent connections, time to take a response). One accept thread
 //! blocks in `accept` (no polling, so an idle listener costs nothing) and
 //! starts one short-lived thread per connection, at most
-//! [`MAX_CONNECTIONS`] at a time; a connection beyond that gets a 503 and is
-//! closed at once, never queued. The status lock is only taken to copy the
+//! [`MAX_CONNECTIONS`] at a time, plus [`LOOPBACK_RESERVE`] for loopback
+//! peers only. When every slot a new client may take is held, the
+//! connection that has waited longest for its next request is closed for
+//! it; when none waits, the new one gets a 503 and is closed at once,
+//! never queued. So neither a client keeping idle connections nor a peer on
+//! the network filling every slot keeps `/health` from the guest out. The status lock is only taken to copy the
 //! health figures or the latest sample's `Arc`; serialization and I/O happen
 //! after it is released.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -49,9 +53,17 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// cannot hold a connection thread longer.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Connections served at once. One beyond it gets a 503 and is closed at
+/// Connections served at once. When all are taken, the one that has waited
+/// longest between requests on a kept-alive connection is closed to make
+/// room; when none is waiting, the new one gets a 503 and is closed at
 /// once: never queued, so a flood costs a few syscalls per connection.
 pub const MAX_CONNECTIONS: usize = 16;
+
+/// Slots beyond [`MAX_CONNECTIONS`] that only a loopback peer may take: an
+/// operator's `curl localhost:8080/health` and the service's health check
+/// come from inside the guest, while the pull port (`0.0.0.0:9000`) is
+/// reachable from the network; no peer outside can take these.
+pub const LOOPBACK_RESERVE: usize = 4;
 
 /// Largest request body (on a GET, say) read and thrown away so that the
 /// connection can be kept; a larger or unframed body closes the connection
@@ -183,35 +195,103 @@ fn wake_addr(mut addr: SocketAddr) -> SocketAddr {
     addr
 }
 
-/// The connections being served, one slot each, kept so that `stop` can
-/// shut them down (which wakes a thread blocked reading or writing).
-struct Slots(Mutex<Vec<Option<TcpStream>>>);
+/// One connection being served.
+struct Slot {
+    /// A handle on its socket, so that `stop` (or an eviction) can shut it
+    /// down, which wakes its thread from a blocked read or write.
+    stream: TcpStream,
+    /// Which claim of the slot this is: a thread whose connection was
+    /// closed for another frees only its own claim.
+    generation: u64,
+    /// The connection's [`IdleMark`].
+    idle_since: Arc<AtomicU64>,
+}
+
+/// The connections being served: [`MAX_CONNECTIONS`] slots for anyone,
+/// then [`LOOPBACK_RESERVE`] for loopback peers only.
+struct Slots {
+    slots: Mutex<Vec<Option<Slot>>>,
+    next_generation: AtomicU64,
+    epoch: Instant,
+}
+
+/// A claimed slot: its index, the claim's generation, and the idle mark
+/// the connection keeps.
+type Claim = (usize, u64, Arc<AtomicU64>);
 
 impl Slots {
-    fn lock(&self) -> MutexGuard<'_, Vec<Option<TcpStream>>> {
+    fn new() -> Slots {
+        Slots {
+            slots: Mutex::new(
+                (0..MAX_CONNECTIONS + LOOPBACK_RESERVE)
+                    .map(|_| None)
+                    .collect(),
+            ),
+            next_generation: AtomicU64::new(1),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Option<Slot>>> {
         // The release build aborts on panic, so this lock is never poisoned
         // there; in test builds a panicking connection thread leaves plain
         // data behind, still valid.
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes a free slot for `stream`, or `None` when all are busy.
-    fn claim(&self, stream: &TcpStream) -> io::Result<Option<usize>> {
+    /// A slot for `stream`: a free one this peer may take, else the one
+    /// idle the longest (its connection is shut down), else `None`.
+    fn claim(&self, stream: &TcpStream, loopback: bool) -> io::Result<Option<Claim>> {
         let mut slots = self.lock();
-        let Some(i) = slots.iter().position(Option::is_none) else {
-            return Ok(None);
+        let usable = if loopback {
+            slots.len()
+        } else {
+            MAX_CONNECTIONS
         };
-        slots[i] = Some(stream.try_clone()?);
-        Ok(Some(i))
+        let index = match slots[..usable].iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                let oldest = slots[..usable]
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, s)| {
+                        let since = s.as_ref()?.idle_since.load(Ordering::SeqCst);
+                        (since > 0).then_some((since, i))
+                    })
+                    .min();
+                let Some((_, i)) = oldest else {
+                    return Ok(None);
+                };
+                if let Some(evicted) = slots[i].take() {
+                    log::debug!("listener: closing an idle keep-alive connection for a new one");
+                    let _ = evicted.stream.shutdown(Shutdown::Both);
+                }
+                i
+            }
+        };
+        let generation = self.next_generation.fetch_add(1, Ordering::SeqCst);
+        let idle_since = Arc::new(AtomicU64::new(0));
+        slots[index] = Some(Slot {
+            stream: stream.try_clone()?,
+            generation,
+            idle_since: idle_since.clone(),
+        });
+        Ok(Some((index, generation, idle_since)))
     }
 
-    fn release(&self, i: usize) {
-        self.lock()[i] = None;
+    fn release(&self, index: usize, generation: u64) {
+        let mut slots = self.lock();
+        if slots[index]
+            .as_ref()
+            .is_some_and(|s| s.generation == generation)
+        {
+            slots[index] = None;
+        }
     }
 
     fn shutdown_all(&self) {
         for s in self.lock().iter().flatten() {
-            let _ = s.shutdown(Shutdown::Both);
+            let _ = s.stream.shutdown(Shutdown::Both);
         }
     }
 }
@@ -221,18 +301,17 @@ impl Slots {
 struct SlotGuard {
     slots: Arc<Slots>,
     index: usize,
+    generation: u64,
 }
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        self.slots.release(self.index);
+        self.slots.release(self.index, self.generation);
     }
 }
 
 fn accept_loop(listener: TcpListener, view: View, stop: Arc<AtomicBool>) {
-    let slots = Arc::new(Slots(Mutex::new(
-        (0..MAX_CONNECTIONS).map(|_| None).collect(),
-    )));
+    let slots = Arc::new(Slots::new());
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     // Logged once per episode, not once per connection of a flood.
     let mut saturated = false;
@@ -242,10 +321,10 @@ fn accept_loop(listener: TcpListener, view: View, stop: Arc<AtomicBool>) {
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        let stream = match accepted {
-            Ok((stream, _)) => {
+        let (stream, peer) = match accepted {
+            Ok(accepted) => {
                 failing = false;
-                stream
+                accepted
             }
             Err(e) => {
                 if !failing {
@@ -257,12 +336,14 @@ fn accept_loop(listener: TcpListener, view: View, stop: Arc<AtomicBool>) {
             }
         };
         threads.retain(|t| !t.is_finished());
-        let index = match slots.claim(&stream) {
-            Ok(Some(i)) => i,
+        let loopback = peer.ip().is_loopback()
+            || matches!(peer.ip(), IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()));
+        let claimed = match slots.claim(&stream, loopback) {
+            Ok(Some(c)) => c,
             Ok(None) => {
                 if !saturated {
                     log::warn!(
-                        "listener: {MAX_CONNECTIONS} connections busy; refusing new ones until one ends"
+                        "listener: {MAX_CONNECTIONS} connections busy, none idle; refusing new ones until one ends"
                     );
                     saturated = true;
                 }
@@ -276,10 +357,13 @@ fn accept_loop(listener: TcpListener, view: View, stop: Arc<AtomicBool>) {
             }
         };
         saturated = false;
+        let (index, generation, idle) = claimed;
         let guard = SlotGuard {
             slots: slots.clone(),
             index,
+            generation,
         };
+        let epoch = slots.epoch;
         let view = view.clone();
         let stop = stop.clone();
         let spawned = thread::Builder::new()
@@ -287,7 +371,9 @@ fn accept_loop(listener: TcpListener, view: View, stop: Arc<AtomicBool>) {
             .stack_size(THREAD_STACK)
             .spawn(move || {
                 let _guard = guard;
-                Connection::new(stream, &view, &stop).serve();
+                let mut c = Connection::new(stream, &view, &stop);
+                c.idle = Some(IdleMark { since: idle, epoch });
+                c.serve();
             });
         match spawned {
             Ok(t) => threads.push(t),
@@ -569,6 +655,28 @@ struct Connection<'a> {
     /// Received bytes not consumed yet; never more than [`MAX_HEAD`].
     buf: Box<[u8]>,
     filled: usize,
+    /// Where this connection says it waits between requests, so that the
+    /// accept thread may close it for a new client.
+    idle: Option<IdleMark>,
+}
+
+/// A connection's mark in its slot: 0 while it is busy, else the
+/// millisecond (counted from `epoch`, plus one) since which it has waited
+/// for its next request on a kept-alive connection.
+struct IdleMark {
+    since: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl IdleMark {
+    fn set(&self, waiting: bool) {
+        let v = if waiting {
+            self.epoch.elapsed().as_millis() as u64 + 1
+        } else {
+            0
+        };
+        self.since.store(v, Ordering::SeqCst);
+    }
 }
 
 impl<'a> Connection<'a> {
@@ -580,6 +688,7 @@ impl<'a> Connection<'a> {
             accepted: Instant::now(),
             buf: vec![0; MAX_HEAD].into_boxed_slice(),
             filled: 0,
+            idle: None,
         }
     }
 
@@ -651,7 +760,16 @@ impl<'a> Connection<'a> {
                     Err(reject) => return Err(reject.status()),
                 }
             }
-            match self.fill(head_until.unwrap_or(idle_until)) {
+            // Between requests, with nothing of the next one yet: idle.
+            let waiting = head_until.is_none();
+            if waiting && let Some(m) = &self.idle {
+                m.set(true);
+            }
+            let filled = self.fill(head_until.unwrap_or(idle_until));
+            if waiting && let Some(m) = &self.idle {
+                m.set(false);
+            }
+            match filled {
                 Ok(()) => {
                     head_until.get_or_insert_with(|| Instant::now() + HEAD_TIMEOUT);
                 }

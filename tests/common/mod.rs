@@ -494,3 +494,46 @@ fn newest_source(paths: &[PathBuf]) -> Option<(SystemTime, PathBuf)> {
     }
     newest
 }
+
+/// Moves the calling thread (and every thread and process it starts from
+/// now on) into a new network namespace with loopback up. `Err` when this
+/// process may not create one.
+pub fn private_network() -> Result<(), String> {
+    // SAFETY: only the network namespace is unshared, which changes no file
+    // descriptor or memory another thread could see.
+    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNET) }
+        .map_err(|e| format!("unshare(CLONE_NEWNET): {e}"))?;
+    let up = std::process::Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .map_err(|e| format!("cannot run ip (iproute2): {e}"))?;
+    if !up.success() {
+        return Err("ip link set lo up failed".into());
+    }
+    Ok(())
+}
+
+/// Moves this thread into a private network namespace; false (after
+/// saying so) when that is not possible here, which fails under `CI=true`.
+pub fn enter_private_network(test: &str) -> bool {
+    match private_network() {
+        Ok(()) => true,
+        Err(why) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "a network namespace is required under CI=true: {why}"
+            );
+            eprintln!("{test}: SKIPPED, no network namespace: {why}");
+            false
+        }
+    }
+}
+
+/// Runs `ip ARGS` (in the caller's namespace), panicking on failure.
+pub fn ip(args: &str) {
+    let ok = std::process::Command::new("ip")
+        .args(args.split_whitespace())
+        .status()
+        .unwrap_or_else(|e| panic!("ip {args}: {e}"));
+    assert!(ok.success(), "ip {args} failed");
+}
