@@ -49,6 +49,9 @@ mod floor;
 #[path = "support/deployed.rs"]
 mod deployed;
 
+#[path = "support/ingest_memory.rs"]
+mod ingest_memory;
+
 type Res<T> = Result<T, Box<dyn Error>>;
 
 // ---------------------------------------------------------------- allocations
@@ -132,7 +135,8 @@ const USAGE: &str = "usage: bench [--quick] [--samples N] [--scrapes N] [--long 
   --only WHAT   run one loop of --samples iterations and print its figure, for a
                 profiler (perf record, valgrind --tool=callgrind): collect, encode, push,
                 floor; `deployed` for the as-deployed table alone, `allocs` for the
-                allocations per sample";
+                allocations per sample, `ingest` for the ingest kit's memory under
+                hostile bodies (docs/manager.md#what-the-kit-keeps-in-memory)";
 
 struct Opts {
     samples: usize,
@@ -1285,6 +1289,13 @@ fn deployed_tables(d: &deployed::Deployed, md: &mut String) {
 }
 
 fn main() -> Res<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, name] = &args[..]
+        && flag == "--ingest-scenario"
+    {
+        println!("{}", ingest_memory::run_scenario(name)?);
+        return Ok(());
+    }
     let o = opts()?;
     let run_started = Instant::now();
     let tmp = std::env::temp_dir().join(format!("guest-agent-bench-{}", std::process::id()));
@@ -1305,6 +1316,10 @@ fn only(o: &Opts, what: &str, n: usize, tmp: &Path) -> Res<()> {
         let mut md = String::new();
         deployed_tables(&d, &mut md);
         println!("\n{md}");
+        return Ok(());
+    }
+    if what == "ingest" {
+        println!("\n{}", ingest_memory::table()?);
         return Ok(());
     }
     if what == "allocs" {
@@ -1345,7 +1360,7 @@ fn only(o: &Opts, what: &str, n: usize, tmp: &Path) -> Res<()> {
         }
         other => {
             return Err(format!(
-                "--only {other:?}: expected collect, encode, push, floor, deployed or allocs"
+                "--only {other:?}: expected collect, encode, push, floor, deployed, allocs or ingest"
             )
             .into());
         }
