@@ -62,7 +62,7 @@ pub mod internals {
     pub use crate::output::{content_type, encode};
     pub use crate::sample::footprint;
     pub use crate::serve::listener::{
-        LOOPBACK_RESERVE, Listener, MAX_CONNECTIONS, View, spawn as spawn_listener,
+        LOOPBACK_RESERVE, Listener, MAX_CONNECTIONS, View, parse_head, spawn as spawn_listener,
     };
     pub use crate::status::Status;
     pub use crate::stop::Stop;
