@@ -89,11 +89,13 @@ pub fn start(config: Config) -> Result<Running> {
         })?);
     }
     let interval = config.interval;
+    let keep_detail = config.format.needs_detail();
     let restorer = Restorer::new(&config);
     let stop = running.stop.clone();
     running.collector = Some(spawn("the collection thread", "collect", move || {
         let out = Out {
             status: &status,
+            keep_detail,
             // With pushing off nothing would ever take a sample out of the
             // buffer, which would only count drops.
             buffer: sender.is_some().then_some(&*buffer),
@@ -178,6 +180,9 @@ impl Drop for Running {
 /// (when pushing), and the sender for a sample it sends itself.
 struct Out<'a> {
     status: &'a Status,
+    /// Whether buffered samples keep their detail (the push format carries
+    /// it); otherwise only the status keeps the latest one.
+    keep_detail: bool,
     buffer: Option<&'a Buffer>,
     sender: Option<&'a Mutex<Sender>>,
 }
@@ -231,11 +236,16 @@ fn collect_loop(
             .sender
             .and_then(|s| s.try_lock().ok())
             .filter(|s| s.may_send_directly(Instant::now()));
+        let detail = if out.keep_detail {
+            None
+        } else {
+            sample.detail.take()
+        };
         let (sample, batch) = match out.buffer {
             Some(buffer) => buffer.push_claiming(sample, direct.is_some()),
             None => (Arc::new(sample), None),
         };
-        out.status.collected(sample, errors);
+        out.status.collected(sample, detail, errors);
         if let (Some(mut direct), Some(batch)) = (direct, batch) {
             let budget = next.saturating_duration_since(Instant::now()) / 2;
             direct.send_directly(batch, budget);

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::sample::{AGENT_VERSION, Sample};
+use crate::sample::{AGENT_VERSION, Detail, Sample};
 
 /// Where delivery stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -110,12 +110,16 @@ pub struct BufferFigures {
 #[derive(Debug, Clone)]
 struct State {
     latest: Option<Arc<Sample>>,
+    /// The latest sample's detail, kept here when the buffered copy goes
+    /// without it (formats that do not carry it).
+    latest_detail: Option<Arc<Detail>>,
     last_sample_at: Option<Instant>,
     push_state: PushState,
     last_error: Option<String>,
     consecutive_failures: u64,
     delivered: u64,
     rejected: u64,
+    rejected_points: u64,
     target: Option<String>,
     guest_ip: Option<String>,
     collector_errors: BTreeMap<String, String>,
@@ -151,6 +155,7 @@ impl Status {
             config_errors,
             state: Mutex::new(State {
                 latest: None,
+                latest_detail: None,
                 last_sample_at: None,
                 push_state: if pushing {
                     PushState::Waiting
@@ -161,6 +166,7 @@ impl Status {
                 consecutive_failures: 0,
                 delivered: 0,
                 rejected: 0,
+                rejected_points: 0,
                 target: None,
                 guest_ip: None,
                 collector_errors: BTreeMap::new(),
@@ -179,10 +185,17 @@ impl Status {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A sample was collected; `errors`, when given, replaces the failing
-    /// sources shown in `/health`.
-    pub fn collected(&self, sample: Arc<Sample>, errors: Option<&BTreeMap<&'static str, String>>) {
+    /// A sample was collected, with its detail when the sample itself goes
+    /// without it; `errors`, when given, replaces the failing sources shown
+    /// in `/health`.
+    pub fn collected(
+        &self,
+        sample: Arc<Sample>,
+        detail: Option<Arc<Detail>>,
+        errors: Option<&BTreeMap<&'static str, String>>,
+    ) {
         let mut st = self.lock();
+        st.latest_detail = detail.or_else(|| sample.detail.clone());
         st.latest = Some(sample);
         st.last_sample_at = Some(Instant::now());
         if let Some(errors) = errors {
@@ -198,6 +211,12 @@ impl Status {
         self.lock().latest.clone()
     }
 
+    /// The latest sample and the figures behind its totals.
+    pub fn latest_with_detail(&self) -> Option<(Arc<Sample>, Option<Arc<Detail>>)> {
+        let st = self.lock();
+        Some((st.latest.clone()?, st.latest_detail.clone()))
+    }
+
     /// The guest's source address toward the push target.
     pub fn guest_ip(&self) -> Option<String> {
         self.lock().guest_ip.clone()
@@ -209,6 +228,14 @@ impl Status {
         st.delivered += n;
         st.push_state = PushState::Ok;
         std::mem::take(&mut st.consecutive_failures)
+    }
+
+    /// A receiver took a batch but refused `points` of its data points
+    /// (OTLP's partial success); the batch is delivered.
+    pub fn points_refused(&self, points: u64, why: String) {
+        let mut st = self.lock();
+        st.rejected_points += points;
+        st.last_error = Some(why);
     }
 
     /// A batch of `n` samples was refused for its payload and dropped.
@@ -340,6 +367,7 @@ impl Status {
             buffer_max_bytes: buffer.max_bytes,
             dropped: buffer.dropped,
             rejected: st.rejected,
+            rejected_data_points: st.rejected_points,
             config_errors: self.config_errors.clone(),
             collector_errors: st.collector_errors,
             guest_ip_report,
@@ -386,6 +414,8 @@ pub struct Health {
     pub dropped: u64,
     /// Samples whose payload the manager refused (400, 413, 422).
     pub rejected: u64,
+    /// Data points an OTLP receiver refused in batches it otherwise took.
+    pub rejected_data_points: u64,
     /// Bad configuration values that were skipped.
     pub config_errors: Vec<String>,
     /// Sources failing at the last collection.

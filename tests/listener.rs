@@ -48,7 +48,7 @@ fn shared(interval: &str) -> View {
 fn record(shared: &View, collector: &mut Collector, seq: u64) {
     let mut sample = collector.collect();
     sample.seq = seq;
-    shared.status.collected(Arc::new(sample), None);
+    shared.status.collected(Arc::new(sample), None, None);
 }
 
 fn collector() -> Collector {

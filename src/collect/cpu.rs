@@ -63,6 +63,21 @@ impl CpuTicks {
     fn total(&self) -> u64 {
         self.busy() + self.idle + self.iowait + self.steal
     }
+
+    /// The counters in the order of `stat` (and of the sample's
+    /// `detail::CPU_MODES`).
+    pub fn modes(&self) -> [u64; 8] {
+        [
+            self.user,
+            self.nice,
+            self.system,
+            self.idle,
+            self.iowait,
+            self.irq,
+            self.softirq,
+            self.steal,
+        ]
+    }
 }
 
 /// The per-CPU counters of one `stat` reading, each with its CPU number.
@@ -83,6 +98,8 @@ pub struct CpuPercent {
     pub steal: f64,
     /// idle.
     pub idle: f64,
+    /// Every mode's share (0–1), in the order of [`CpuTicks::modes`].
+    pub shares: [f64; 8],
 }
 
 /// Percentages over the window from `prev` to `cur`.
@@ -107,6 +124,9 @@ pub fn percentages(prev: &CpuSnapshot, cur: &CpuSnapshot, last: CpuPercent) -> C
         iowait: pct(sum.iowait),
         steal: pct(sum.steal),
         idle: pct(sum.idle),
+        shares: sum
+            .modes()
+            .map(|m| (m as f64 / total as f64).clamp(0.0, 1.0)),
     }
 }
 
@@ -148,6 +168,11 @@ mod tests {
         assert!(close(p.steal, 5.0));
         assert!(close(p.idle, 50.0));
         assert!(close(p.usage + p.iowait + p.steal + p.idle, 100.0));
+        let want = [0.30, 0.0, 0.10, 0.50, 0.05, 0.0, 0.0, 0.05];
+        for (got, want) in p.shares.iter().zip(want) {
+            assert!(close(*got, want), "{:?}", p.shares);
+        }
+        assert!(close(p.shares.iter().sum::<f64>(), 1.0));
     }
 
     #[test]
@@ -221,6 +246,7 @@ mod tests {
             iowait: 1.0,
             steal: 2.0,
             idle: 84.5,
+            shares: [0.1, 0.025, 0.0, 0.845, 0.01, 0.0, 0.0, 0.02],
         };
         assert_eq!(percentages(&s, &s, last), last);
         assert_eq!(

@@ -7,24 +7,55 @@
 
 use procfs::{DiskStats, FromBufRead, ProcError};
 
+use crate::sample::detail::Disk;
+
 /// The kernel's diskstats sectors are always 512 bytes, whatever the device.
 const SECTOR_BYTES: u64 = 512;
 
-/// Cumulative (read, written) bytes summed over whole disks. Like the
-/// kernel's own counters they wrap at 2^64 rather than saturate, so that a
-/// consumer's difference of two readings (modulo 2^64) stays right.
-pub fn parse(text: &[u8]) -> Result<(u64, u64), ProcError> {
-    let disks = DiskStats::from_buf_read(text)?;
-    Ok(disks
+/// What one read of `diskstats` gives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiskReading {
+    /// Cumulative bytes read, summed over whole disks. Like the kernel's
+    /// own counters they wrap at 2^64 rather than saturate, so that a
+    /// consumer's difference of two readings (modulo 2^64) stays right.
+    pub read_bytes: u64,
+    /// Cumulative bytes written, the same way.
+    pub written_bytes: u64,
+    /// Each whole disk, in the order of the file.
+    pub disks: Vec<Disk>,
+}
+
+/// Parses the text of `diskstats`, whole disks only.
+pub fn parse(text: &[u8]) -> Result<DiskReading, ProcError> {
+    let all = DiskStats::from_buf_read(text)?;
+    let (mut read_bytes, mut written_bytes) = (0u64, 0u64);
+    let disks: Vec<Disk> = all
         .0
-        .iter()
+        .into_iter()
         .filter(|d| is_whole_disk(&d.name))
-        .fold((0, 0), |(r, w), d| {
-            (
-                r.wrapping_add(d.sectors_read.wrapping_mul(SECTOR_BYTES)),
-                w.wrapping_add(d.sectors_written.wrapping_mul(SECTOR_BYTES)),
-            )
-        }))
+        .map(|d| {
+            let read = d.sectors_read.wrapping_mul(SECTOR_BYTES);
+            let written = d.sectors_written.wrapping_mul(SECTOR_BYTES);
+            read_bytes = read_bytes.wrapping_add(read);
+            written_bytes = written_bytes.wrapping_add(written);
+            Disk {
+                name: d.name,
+                reads: d.reads,
+                read_bytes: read,
+                read_ms: d.time_reading,
+                writes: d.writes,
+                written_bytes: written,
+                write_ms: d.time_writing,
+                in_progress: d.in_progress,
+                io_ms: d.time_in_progress,
+            }
+        })
+        .collect();
+    Ok(DiskReading {
+        read_bytes,
+        written_bytes,
+        disks,
+    })
 }
 
 /// True for a whole disk (`vda`, `sdb`, `nvme0n1`, `mmcblk0`, `xvda`), false
@@ -58,9 +89,16 @@ mod tests {
 
     #[test]
     fn sums_whole_disks_only() {
-        let (r, w) = parse(SAMPLE.as_bytes()).unwrap();
-        assert_eq!(r, (2000 + 100) * 512);
-        assert_eq!(w, (4000 + 50) * 512);
+        let r = parse(SAMPLE.as_bytes()).unwrap();
+        assert_eq!(r.read_bytes, (2000 + 100) * 512);
+        assert_eq!(r.written_bytes, (4000 + 50) * 512);
+        let names: Vec<&str> = r.disks.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["vda", "nvme0n1"]);
+        let vda = &r.disks[0];
+        assert_eq!(
+            (vda.reads, vda.read_ms, vda.writes, vda.write_ms, vda.io_ms),
+            (1000, 500, 300, 900, 1200)
+        );
     }
 
     #[test]

@@ -2,6 +2,8 @@
 
 use procfs::{FromBufRead, Meminfo, ProcError};
 
+use crate::sample::detail::Memory;
+
 /// Memory figures of one read of `meminfo`, in KiB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemReading {
@@ -14,6 +16,8 @@ pub struct MemReading {
     pub swap_total_kb: u64,
     /// SwapTotal − SwapFree.
     pub swap_used_kb: u64,
+    /// The same and more, in bytes, as the exposition formats carry it.
+    pub bytes: Memory,
 }
 
 impl MemReading {
@@ -38,11 +42,22 @@ pub fn parse(text: &[u8]) -> Result<MemReading, ProcError> {
     let available = m
         .mem_available
         .unwrap_or_else(|| m.mem_free + m.buffers + m.cached + m.s_reclaimable.unwrap_or(0));
+    let available = available.min(m.mem_total);
     Ok(MemReading {
         total_kb: m.mem_total / 1024,
-        available_kb: available.min(m.mem_total) / 1024,
+        available_kb: available / 1024,
         swap_total_kb: m.swap_total / 1024,
         swap_used_kb: m.swap_total.saturating_sub(m.swap_free) / 1024,
+        bytes: Memory {
+            total: m.mem_total,
+            free: m.mem_free,
+            available,
+            buffers: m.buffers,
+            cached: m.cached,
+            slab_reclaimable: m.s_reclaimable,
+            swap_total: m.swap_total,
+            swap_free: m.swap_free,
+        },
     })
 }
 

@@ -23,9 +23,11 @@ pub mod uptime;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
+use crate::sample::detail::{CpuTimes, Detail, Filesystem, Uname};
 use crate::sample::{AGENT_VERSION, SCHEMA, Sample};
 use cpu::{CpuPercent, CpuSnapshot};
 pub use proc_file::ProcFile;
@@ -56,6 +58,11 @@ pub struct Collector {
     psi: [ProcFile; 3],
     hostname: ProcFile,
     processes: processes::ProcessCounter,
+    /// Kernel clock ticks per second, for CPU times in seconds.
+    ticks: f64,
+    /// What is mounted at `/` (device, type), read once.
+    root_mount: (Arc<str>, Arc<str>),
+    uname: Arc<Uname>,
     boot_id: Option<String>,
     run_id: String,
     vm_id: Option<String>,
@@ -78,7 +85,29 @@ impl Collector {
             .parse(identity::parse_line)
             .map_err(|e| log::warn!("boot_id unavailable: {e}"))
             .ok();
+        let line = |rel: &str| {
+            ProcFile::new(proc_root, rel)
+                .parse(identity::parse_line)
+                .unwrap_or_default()
+        };
+        let uname = Arc::new(Uname {
+            sysname: line("sys/kernel/ostype"),
+            release: line("sys/kernel/osrelease"),
+            version: line("sys/kernel/version"),
+            // The binary's own: a guest kernel runs what it was built for.
+            machine: std::env::consts::ARCH.to_string(),
+            domainname: line("sys/kernel/domainname"),
+        });
+        let root_mount = ProcFile::new(proc_root, "mounts")
+            .parse(filesystem::root_mount)
+            .map_err(|e| log::warn!("the root filesystem's device and type are unknown: {e}"))
+            .ok()
+            .flatten()
+            .unwrap_or_default();
         Ok(Collector {
+            ticks: rustix::param::clock_ticks_per_second() as f64,
+            root_mount: (root_mount.0.into(), root_mount.1.into()),
+            uname,
             root: proc_root.to_path_buf(),
             fs_root: PathBuf::from("/"),
             stat: ProcFile::new(proc_root, "stat"),
@@ -158,6 +187,10 @@ impl Collector {
             .unwrap_or(0);
 
         let now = Instant::now();
+        let mut detail = Detail {
+            uname: Some(self.uname.clone()),
+            ..Detail::default()
+        };
         let stat = self.stat.parse(stat::parse);
         let stat = self.note("stat", stat);
         let (mut window_ms, mut pct) = (0, None);
@@ -166,30 +199,54 @@ impl Collector {
             if let Some((then, prev)) = &self.prev_cpu {
                 window_ms = now.duration_since(*then).as_millis() as u64;
                 self.last_pct = cpu::percentages(prev, &s.cpus, self.last_pct);
+                detail.cpu_shares = Some(self.last_pct.shares);
             }
             pct = Some(self.last_pct);
             cpu_figures = Some((s.cpus.cpus.len() as u32, s.procs_running, s.procs_blocked));
+            let secs = |t: u64| t as f64 / self.ticks;
+            detail.cpus = s
+                .cpus
+                .cpus
+                .iter()
+                .zip(&s.guest)
+                .map(|((cpu, t), (g, gn))| CpuTimes {
+                    cpu: *cpu,
+                    seconds: t.modes().map(secs),
+                    guest: (secs(*g), secs(*gn)),
+                })
+                .collect();
+            detail.boot_time = Some(s.boot_time);
+            detail.context_switches = Some(s.context_switches);
+            detail.forks = Some(s.forks);
             // The reading becomes the next window's start: moved, not copied.
             self.prev_cpu = Some((now, s.cpus));
         }
 
         let mem = self.meminfo.parse(meminfo::parse);
         let mem = self.note("meminfo", mem);
+        detail.memory = mem.map(|m| m.bytes);
         let load = self.loadavg.parse(loadavg::parse);
         let load = self.note("loadavg", load);
         let uptime = self.uptime.parse(uptime::parse);
         let uptime = self.note("uptime", uptime);
         let net = self.net_dev.parse(net_dev::parse);
-        let net = self.note("net/dev", net);
+        let net = self.note("net/dev", net).map(|n| {
+            detail.interfaces = n.interfaces;
+            (n.rx_bytes, n.tx_bytes)
+        });
         let disk = optional(self.diskstats.parse(diskstats::parse));
-        let disk = self.note("diskstats", disk).flatten();
+        let disk = self.note("diskstats", disk).flatten().map(|d| {
+            detail.disks = d.disks;
+            (d.read_bytes, d.written_bytes)
+        });
         let mut psi = [None; 3];
         for (i, name) in ["pressure/cpu", "pressure/memory", "pressure/io"]
             .into_iter()
             .enumerate()
         {
-            let r = optional(self.psi[i].parse(pressure::parse_some_avg10));
-            psi[i] = self.note(name, r).flatten().map(round2);
+            let r = optional(self.psi[i].parse(pressure::parse));
+            detail.pressure[i] = self.note(name, r).flatten();
+            psi[i] = detail.pressure[i].map(|p| round_pct(p.some.avg[0]));
         }
         let hostname = self.hostname.parse(identity::parse_line);
         let hostname = self.note("hostname", hostname);
@@ -202,7 +259,19 @@ impl Collector {
             path: self.fs_root.clone(),
             source,
         });
-        let fs = self.note("filesystem", fs);
+        let fs = self.note("filesystem", fs).map(|u| {
+            detail.filesystem = Some(Filesystem {
+                device: self.root_mount.0.clone(),
+                fstype: self.root_mount.1.clone(),
+                mountpoint: "/".into(),
+                size: u.size,
+                free: u.free,
+                avail: u.avail,
+                files: u.files,
+                files_free: u.files_free,
+            });
+            u.kib()
+        });
 
         Sample {
             schema: SCHEMA,
@@ -244,6 +313,7 @@ impl Collector {
             dropped_samples: 0,
             restored_from_run_id: self.restored_from_run_id.clone(),
             restore_count: self.restore_count,
+            detail: Some(Arc::new(detail)),
         }
     }
 

@@ -1,31 +1,48 @@
-//! `pressure/{cpu,memory,io}`: PSI "some" avg10, where the kernel has PSI.
+//! `pressure/{cpu,memory,io}`: PSI, where the kernel has it.
 
-use procfs::ProcError;
+use procfs::{PressureRecord, ProcError};
 
-/// Parses a `pressure/*` file into its "some" avg10 (percent of the last
-/// 10 s), as procfs reads it (`f32`; the kernel prints two decimals).
-///
-/// Only the first line is read: kernels before 5.13 have no "full" line in
-/// `pressure/cpu`.
-pub fn parse_some_avg10(text: &[u8]) -> Result<f32, ProcError> {
+use crate::sample::detail::{Pressure, Stall};
+
+/// Parses a `pressure/*` file: its `some` line, and its `full` line when
+/// there is one (kernels before 5.13 have none in `pressure/cpu`).
+pub fn parse(text: &[u8]) -> Result<Pressure, ProcError> {
     let text = std::str::from_utf8(text).map_err(|e| ProcError::Other(e.to_string()))?;
-    let first = text.lines().next().unwrap_or("");
+    let mut lines = text.lines();
+    let first = lines.next().unwrap_or("");
     if !first.starts_with("some ") {
         return Err(ProcError::Other(format!("no \"some\" line: {first:?}")));
     }
-    Ok(procfs::parse_pressure_record(first)?.avg10)
+    let some = stall(procfs::parse_pressure_record(first)?);
+    let full = match lines.next() {
+        Some(l) if l.starts_with("full ") => Some(stall(procfs::parse_pressure_record(l)?)),
+        _ => None,
+    };
+    Ok(Pressure { some, full })
+}
+
+fn stall(r: PressureRecord) -> Stall {
+    Stall {
+        avg: [r.avg10, r.avg60, r.avg300].map(f64::from),
+        total_us: r.total,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn parses_some_avg10() {
-        let text = b"some avg10=1.53 avg60=0.87 avg300=0.20 total=12345\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n";
-        assert_eq!(super::parse_some_avg10(text).unwrap(), 1.53f32);
+    fn parses_some_and_full() {
+        let text = b"some avg10=1.53 avg60=0.87 avg300=0.20 total=12345\nfull avg10=0.50 avg60=0.00 avg300=0.00 total=678\n";
+        let p = super::parse(text).unwrap();
+        assert_eq!(p.some.avg[0] as f32, 1.53);
+        assert_eq!(p.some.total_us, 12345);
+        assert_eq!(p.full.map(|f| f.total_us), Some(678));
         // Linux < 5.13: pressure/cpu has only the "some" line.
         let old = b"some avg10=0.25 avg60=0.87 avg300=0.20 total=12345\n";
-        assert_eq!(super::parse_some_avg10(old).unwrap(), 0.25f32);
-        assert!(super::parse_some_avg10(b"some avg10=x\n").is_err());
-        assert!(super::parse_some_avg10(b"").is_err());
+        let p = super::parse(old).unwrap();
+        assert_eq!((p.some.avg[0] as f32, p.full), (0.25, None));
+        assert!(super::parse(b"some avg10=x\n").is_err());
+        assert!(super::parse(b"").is_err());
+        assert!(super::parse(b"full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n").is_err());
     }
 }

@@ -9,6 +9,15 @@ use super::cpu::{CpuSnapshot, CpuTicks};
 pub struct StatReading {
     /// Per-CPU counters, each with its CPU number.
     pub cpus: CpuSnapshot,
+    /// Per CPU, in the same order: (`guest`, `guest_nice`) ticks (since
+    /// Linux 2.6.24 and 2.6.33; 0 before).
+    pub guest: Vec<(u64, u64)>,
+    /// Boot time, seconds since the epoch (`btime`).
+    pub boot_time: u64,
+    /// Context switches since boot (`ctxt`).
+    pub context_switches: u64,
+    /// Processes created since boot (`processes`).
+    pub forks: u64,
     /// Runnable tasks (`procs_running`, since Linux 2.5.45).
     pub procs_running: Option<u32>,
     /// Tasks blocked on I/O (`procs_blocked`, since Linux 2.5.45).
@@ -39,6 +48,11 @@ pub fn parse(text: &[u8]) -> Result<StatReading, ProcError> {
             stats.cpu_time.len()
         )));
     }
+    let guest = stats
+        .cpu_time
+        .iter()
+        .map(|c| (c.guest.unwrap_or(0), c.guest_nice.unwrap_or(0)))
+        .collect();
     let cpus = ids
         .into_iter()
         .zip(stats.cpu_time.iter())
@@ -58,6 +72,10 @@ pub fn parse(text: &[u8]) -> Result<StatReading, ProcError> {
         .collect();
     Ok(StatReading {
         cpus: CpuSnapshot { cpus },
+        guest,
+        boot_time: stats.btime,
+        context_switches: stats.ctxt,
+        forks: stats.processes,
         procs_running: stats.procs_running,
         procs_blocked: stats.procs_blocked,
     })
@@ -103,6 +121,11 @@ softirq 1 2 3
         assert_eq!(cpu3.user, 1392290);
         assert_eq!(cpu3.steal, 7);
         assert_eq!(r.procs_running, Some(3));
+        assert_eq!(r.guest[1], (45617, 0));
+        assert_eq!(
+            (r.boot_time, r.context_switches, r.forks),
+            (1062191376, 1990473, 2915)
+        );
         assert_eq!(r.procs_blocked, Some(1));
     }
 

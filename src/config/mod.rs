@@ -64,6 +64,17 @@ pub enum Format {
     Json,
     /// Influx line protocol, measurement `guest`.
     Influx,
+    /// OTLP/HTTP, an ExportMetricsServiceRequest in the protobuf JSON
+    /// mapping (docs/backends.md#opentelemetry).
+    Otlp,
+}
+
+impl Format {
+    /// Whether its bodies carry the figures behind the sample's totals
+    /// (per CPU, interface, disk): the buffer keeps them for it.
+    pub fn needs_detail(self) -> bool {
+        self == Format::Otlp
+    }
 }
 
 /// A value that must never be printed: `Debug` shows only whether it is set.
@@ -327,10 +338,10 @@ fn build(origins: Vec<Origin>, errors: Vec<String>, warnings: Vec<String>) -> Re
         batch: count("batch", settings::MAX_BATCH)?,
         log: settings::parse_log(get("log").unwrap_or("info")).map_err(|e| internal("log", e))?,
         proc_root,
-        format: if get("format") == Some("influx") {
-            Format::Influx
-        } else {
-            Format::Json
+        format: match get("format") {
+            Some("influx") => Format::Influx,
+            Some("otlp") => Format::Otlp,
+            _ => Format::Json,
         },
         token,
         manager_url: match get("manager_url") {

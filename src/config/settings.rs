@@ -156,11 +156,11 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         name: "format",
-        value_name: "json|influx",
+        value_name: "json|influx|otlp",
         default: Some("json"),
         on_cmdline: true,
         secret: false,
-        help: "body of each POST: a JSON array, or Influx line protocol",
+        help: "body of each POST: a JSON array, Influx line protocol, or OTLP/HTTP JSON",
         check: check_format,
     },
     Setting {
@@ -337,8 +337,8 @@ fn check_path(v: &str) -> Result<(), String> {
 
 fn check_format(v: &str) -> Result<(), String> {
     match v {
-        "json" | "influx" => Ok(()),
-        _ => Err("json or influx".into()),
+        "json" | "influx" | "otlp" => Ok(()),
+        _ => Err("json, influx or otlp".into()),
     }
 }
 
@@ -403,6 +403,7 @@ mod tests {
             ("log", "debug", true),
             ("log", "loud", false),
             ("format", "influx", true),
+            ("format", "otlp", true),
             ("format", "xml", false),
             ("vm_id", "vm-7", true),
             ("vm_id", "", false),

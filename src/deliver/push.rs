@@ -90,6 +90,8 @@ pub struct Sender {
     /// No request before this (backoff, `Retry-After`, no route yet),
     /// whichever thread made the last one.
     retry_at: Option<Instant>,
+    /// Whether the current run of partly refused OTLP batches was logged.
+    said_partial: bool,
     /// Set when a request from the collection thread ran out of the time
     /// it had: the collection thread sends nothing itself until the sender's
     /// thread has had an answer within half of it.
@@ -143,6 +145,7 @@ impl Sender {
             last_summary: Instant::now(),
             restores,
             retry_at: None,
+            said_partial: false,
             too_slow_for: None,
         })
     }
@@ -373,9 +376,24 @@ impl Sender {
         // A response cut off mid-way is an error of the client, not an
         // answer: retrying may deliver twice, and the manager de-duplicates
         // on (run_id, seq).
+        let otlp = self.format == Format::Otlp;
         match answer {
             Ok(answer) => match answer.status {
-                200..=299 => Outcome::Delivered,
+                200..=299 => {
+                    if otlp {
+                        self.partial_success(url);
+                    }
+                    Outcome::Delivered
+                }
+                // OTLP/HTTP: only these are worth a retry; any other
+                // refusal would be refused again (docs/backends.md#opentelemetry).
+                429 | 502 | 503 | 504 if otlp => Outcome::Retry {
+                    error: format!("{url}: HTTP {}", answer.status),
+                    retry_after: answer.retry_after.as_deref().and_then(parse_retry_after),
+                    transport: false,
+                    timed_out: false,
+                },
+                status if otlp => Outcome::Refused(status),
                 400 | 413 | 422 => Outcome::Refused(answer.status),
                 404 => Outcome::NoIngestRoute(format!(
                     "{url}: HTTP 404: this manager has no ingest route"
@@ -393,6 +411,27 @@ impl Sender {
                 retry_after: None,
                 transport: true,
             },
+        }
+    }
+
+    /// An OTLP receiver's 200 may still refuse some data points: they are
+    /// counted in `/health` (`rejected_data_points`) and logged, once per
+    /// run of such answers. The batch is delivered either way: sending it
+    /// again would be refused again.
+    fn partial_success(&mut self, url: &str) {
+        match output::otlp::partial_success(self.client.body()) {
+            Some(p) => {
+                let msg = format!(
+                    "{url}: the receiver refused {} data points: {}",
+                    p.rejected, p.message
+                );
+                if !self.said_partial {
+                    log::warn!("{msg}");
+                    self.said_partial = true;
+                }
+                self.status.points_refused(p.rejected, msg);
+            }
+            None => self.said_partial = false,
         }
     }
 

@@ -5,5 +5,6 @@
 
 pub mod address;
 pub mod client;
+pub mod json;
 pub mod transport;
 pub mod url;

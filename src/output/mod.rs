@@ -3,6 +3,8 @@
 
 pub mod influx;
 pub mod json;
+pub mod otlp;
+pub mod prometheus;
 
 use std::sync::Arc;
 
@@ -14,6 +16,7 @@ pub fn content_type(format: Format) -> &'static str {
     match format {
         Format::Json => json::CONTENT_TYPE,
         Format::Influx => influx::CONTENT_TYPE,
+        Format::Otlp => otlp::CONTENT_TYPE,
     }
 }
 
@@ -23,5 +26,6 @@ pub fn encode(batch: &[Arc<Sample>], format: Format, out: &mut Vec<u8>) {
     match format {
         Format::Json => json::encode(batch, out),
         Format::Influx => influx::encode(batch, out),
+        Format::Otlp => otlp::encode(batch, out),
     }
 }

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use super::pull;
 use crate::deliver::buffer::Buffer;
 use crate::error::{Error, Result};
+use crate::output::prometheus;
 use crate::status::{Health, HealthState, Status};
 
 /// Largest request head (request line and headers), in bytes. A head that
@@ -391,9 +392,9 @@ fn accept_loop(listener: TcpListener, view: View, stop: Arc<AtomicBool>) {
 /// Answers a connection beyond [`MAX_CONNECTIONS`] with a 503 without ever
 /// blocking the accept thread, and closes it.
 fn refuse(stream: TcpStream) {
-    let body = error_body("too many connections");
-    let mut msg = response_head(503, body.len(), false, false).into_bytes();
-    msg.extend_from_slice(&body);
+    let r = Response::json((503, error_body("too many connections")));
+    let mut msg = response_head(&r, false, false).into_bytes();
+    msg.extend_from_slice(&r.body);
     // A fresh socket's send buffer takes a few hundred bytes at once; if it
     // does not, the client only misses the courtesy.
     if stream.set_nonblocking(true).is_ok() {
@@ -456,6 +457,59 @@ pub struct Request {
     pub keep_alive: bool,
     /// The body that follows the head.
     pub body: Body,
+    /// What its `Accept` header prefers for `/metrics`.
+    pub accept: Representation,
+}
+
+/// The forms `/metrics` answers in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Representation {
+    /// The latest sample as one JSON object, the pull-model agent's form.
+    Json,
+    /// The Prometheus text exposition (docs/backends.md#prometheus).
+    Prometheus,
+}
+
+/// The form an `Accept` header prefers (RFC 9110 section 12.5.1): each
+/// form gets the quality of the most specific range that matches it
+/// (`text/plain` before `text/*` before `*/*`), and JSON wins a tie, so
+/// that `*/*` alone, no header, and today's pulling manager get JSON.
+/// Prometheus' scrape header (`application/openmetrics-text;version=1.0.0,
+/// …,text/plain;version=0.0.4;q=0.5,*/*;q=0.1`) gets the exposition.
+pub fn negotiate(accept: &str) -> Representation {
+    let candidates = [("application", "json"), ("text", "plain")];
+    // (specificity, quality) of the best match of each candidate.
+    let mut best = [(0u8, 0.0f32); 2];
+    for range in accept.split(',') {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or("").trim();
+        let Some((ty, sub)) = media.split_once('/') else {
+            continue;
+        };
+        let mut q = 1.0f32;
+        for p in parts {
+            let p = p.trim();
+            if let Some(v) = p.strip_prefix("q=").or_else(|| p.strip_prefix("Q=")) {
+                q = v.trim().parse::<f32>().unwrap_or(0.0).clamp(0.0, 1.0);
+            }
+        }
+        for (i, (cty, csub)) in candidates.iter().enumerate() {
+            let specificity = match (ty.eq_ignore_ascii_case(cty), sub.eq_ignore_ascii_case(csub)) {
+                (true, true) => 3,
+                (true, false) if sub == "*" => 2,
+                _ if ty == "*" && sub == "*" => 1,
+                _ => 0,
+            };
+            if specificity > best[i].0 {
+                best[i] = (specificity, q);
+            }
+        }
+    }
+    if best[1].1 > best[0].1 {
+        Representation::Prometheus
+    } else {
+        Representation::Json
+    }
 }
 
 /// Why a request head is refused.
@@ -501,6 +555,8 @@ pub fn parse_head(buf: &[u8]) -> std::result::Result<Option<(Request, usize)>, R
     let mut keep = false;
     let mut length: Option<u64> = None;
     let mut encoded = false;
+    let mut accept = Representation::Json;
+    let mut accept_values: Vec<&[u8]> = Vec::new();
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("connection") {
             for token in String::from_utf8_lossy(h.value).split(',') {
@@ -519,7 +575,18 @@ pub fn parse_head(buf: &[u8]) -> std::result::Result<Option<(Request, usize)>, R
             }
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             encoded = true;
+        } else if h.name.eq_ignore_ascii_case("accept") {
+            accept_values.push(h.value);
         }
+    }
+    if !accept_values.is_empty() {
+        // Repeated header lines are one list (RFC 9110 section 5.3).
+        let joined = accept_values
+            .iter()
+            .map(|v| String::from_utf8_lossy(v))
+            .collect::<Vec<_>>()
+            .join(",");
+        accept = negotiate(&joined);
     }
     let body = match (encoded, length) {
         (true, _) => Body::Unframed,
@@ -532,6 +599,7 @@ pub fn parse_head(buf: &[u8]) -> std::result::Result<Option<(Request, usize)>, R
             head_only: method == "HEAD",
             keep_alive: if version == 1 { !close } else { keep && !close },
             body,
+            accept,
         },
         len,
     )))
@@ -559,11 +627,39 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// The status line and headers of a JSON response.
-fn response_head(status: u16, body_len: usize, keep_alive: bool, allow: bool) -> String {
+/// A response: status, body, and what its head says of it.
+#[derive(Debug)]
+pub struct Response {
+    /// The status code.
+    pub status: u16,
+    /// The body's type.
+    pub content_type: &'static str,
+    /// The body (left out of the answer to a HEAD).
+    pub body: Vec<u8>,
+    /// Whether the body depends on the request's `Accept` (`Vary`).
+    pub varies: bool,
+}
+
+impl Response {
+    fn json((status, body): (u16, Vec<u8>)) -> Response {
+        Response {
+            status,
+            content_type: "application/json",
+            body,
+            varies: false,
+        }
+    }
+}
+
+/// The status line and headers of a response.
+fn response_head(r: &Response, keep_alive: bool, allow: bool) -> String {
     format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {body_len}\r\nCache-Control: no-store\r\n{}Connection: {}\r\n\r\n",
-        reason(status),
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n{}{}Connection: {}\r\n\r\n",
+        r.status,
+        reason(r.status),
+        r.content_type,
+        r.body.len(),
+        if r.varies { "Vary: Accept\r\n" } else { "" },
         if allow { "Allow: GET, HEAD\r\n" } else { "" },
         if keep_alive { "keep-alive" } else { "close" },
     )
@@ -591,36 +687,56 @@ fn json_body<T: serde::Serialize>(value: &T) -> (u16, Vec<u8>) {
     }
 }
 
-/// The status and body for `route`, read from `view`. The status lock is
-/// held only inside `health()` and `latest()`, never while encoding.
-pub fn render(route: Route, view: &View) -> (u16, Vec<u8>) {
+/// The response to `route`, read from `view`, in the form `accept`
+/// prefers for `/metrics`. The status lock is held only to copy what is
+/// read, never while encoding.
+pub fn render(route: Route, accept: Representation, view: &View) -> Response {
     match route {
         Route::Health => {
             let health = view.health();
             let (status, body) = json_body(&health);
             // The code follows the body's own verdict, so the two agree.
-            if status == 200 && health.status != HealthState::Ok {
-                (503, body)
+            let status = if status == 200 && health.status != HealthState::Ok {
+                503
             } else {
-                (status, body)
-            }
+                status
+            };
+            Response::json((status, body))
         }
-        Route::Metrics => match view.status.latest() {
-            Some(sample) => match pull::missing_figures(&sample) {
-                missing if missing.is_empty() => json_body(&*sample),
-                missing => (
-                    503,
-                    error_body(&format!(
-                        "the latest sample lacks {}: see /health collector_errors",
-                        missing.join(", ")
+        Route::Metrics => {
+            let mut r = match (view.status.latest_with_detail(), accept) {
+                (None, _) => Response::json((503, error_body("no sample collected yet"))),
+                (Some((sample, detail)), Representation::Prometheus) => {
+                    let mut body = Vec::with_capacity(8 * 1024);
+                    prometheus::encode(&sample, detail.as_deref(), &mut body);
+                    Response {
+                        status: 200,
+                        content_type: prometheus::CONTENT_TYPE,
+                        body,
+                        varies: true,
+                    }
+                }
+                (Some((sample, _)), Representation::Json) => match pull::missing_figures(&sample) {
+                    missing if missing.is_empty() => Response::json(json_body(&*sample)),
+                    missing => Response::json((
+                        503,
+                        error_body(&format!(
+                            "the latest sample lacks {}: see /health collector_errors",
+                            missing.join(", ")
+                        )),
                     )),
-                ),
-            },
-            None => (503, error_body("no sample collected yet")),
-        },
-        Route::ConfigureInterface => (501, error_body(pull::CONFIGURE_INTERFACE_REFUSED)),
-        Route::NotFound => (404, error_body("not found; try /health or /metrics")),
-        Route::MethodNotAllowed => (405, error_body("method not allowed; use GET or HEAD")),
+                },
+            };
+            r.varies = true;
+            r
+        }
+        Route::ConfigureInterface => {
+            Response::json((501, error_body(pull::CONFIGURE_INTERFACE_REFUSED)))
+        }
+        Route::NotFound => Response::json((404, error_body("not found; try /health or /metrics"))),
+        Route::MethodNotAllowed => {
+            Response::json((405, error_body("method not allowed; use GET or HEAD")))
+        }
     }
 }
 
@@ -701,8 +817,8 @@ impl<'a> Connection<'a> {
                 Ok(Some(r)) => r,
                 Ok(None) => return,
                 Err(status) => {
-                    let body = error_body(reason(status));
-                    if self.send(status, &body, false, false, false).is_ok() {
+                    let r = Response::json((status, error_body(reason(status))));
+                    if self.send(&r, false, false, false).is_ok() {
                         self.linger();
                     }
                     return;
@@ -719,12 +835,9 @@ impl<'a> Connection<'a> {
                 }
                 Body::Length(_) | Body::Unframed => keep_alive = false,
             }
-            let (status, body) = render(request.route, self.view);
+            let r = render(request.route, request.accept, self.view);
             let allow = request.route == Route::MethodNotAllowed;
-            if self
-                .send(status, &body, request.head_only, keep_alive, allow)
-                .is_err()
-            {
+            if self.send(&r, request.head_only, keep_alive, allow).is_err() {
                 return;
             }
             if !keep_alive {
@@ -826,15 +939,14 @@ impl<'a> Connection<'a> {
     /// Writes one response within [`WRITE_TIMEOUT`].
     fn send(
         &mut self,
-        status: u16,
-        body: &[u8],
+        r: &Response,
         head_only: bool,
         keep_alive: bool,
         allow: bool,
     ) -> io::Result<()> {
-        let mut msg = response_head(status, body.len(), keep_alive, allow).into_bytes();
+        let mut msg = response_head(r, keep_alive, allow).into_bytes();
         if !head_only {
-            msg.extend_from_slice(body);
+            msg.extend_from_slice(&r.body);
         }
         let deadline = Instant::now() + WRITE_TIMEOUT;
         let mut rest = &msg[..];
@@ -918,7 +1030,8 @@ mod tests {
                 route: Route::Health,
                 head_only: false,
                 keep_alive: true,
-                body: Body::None
+                body: Body::None,
+                accept: Representation::Json,
             }
         );
         assert!(request("HEAD /metrics HTTP/1.1\r\n\r\n").head_only);
@@ -998,14 +1111,15 @@ mod tests {
 
     #[test]
     fn response_heads_carry_type_length_connection_and_allow() {
-        let h = response_head(405, 12, true, true);
+        let r = |status| Response::json((status, vec![b' '; 12]));
+        let h = response_head(&r(405), true, true);
         assert!(h.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"));
         assert!(h.contains("\r\nContent-Type: application/json\r\n"));
         assert!(h.contains("\r\nContent-Length: 12\r\n"));
         assert!(h.contains("\r\nAllow: GET, HEAD\r\n"));
         assert!(h.contains("\r\nConnection: keep-alive\r\n"));
         assert!(h.ends_with("\r\n\r\n"));
-        let h = response_head(200, 0, false, false);
+        let h = response_head(&r(200), false, false);
         assert!(!h.contains("Allow"));
         assert!(h.contains("\r\nConnection: close\r\n"));
     }
@@ -1024,5 +1138,32 @@ mod tests {
         assert_eq!(wake_addr(a), "[::1]:8080".parse().unwrap());
         let a: SocketAddr = "127.0.0.2:80".parse().unwrap();
         assert_eq!(wake_addr(a), a);
+    }
+
+    #[test]
+    fn accept_picks_the_exposition_only_when_it_is_preferred() {
+        use Representation::{Json, Prometheus};
+        let prometheus_scrape = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        for (accept, want) in [
+            (prometheus_scrape, Prometheus),
+            ("text/plain", Prometheus),
+            ("text/plain;version=0.0.4", Prometheus),
+            ("TEXT/PLAIN", Prometheus),
+            ("text/*", Prometheus),
+            ("application/json", Json),
+            ("*/*", Json),
+            ("", Json),
+            ("application/json;q=0.2, text/plain;q=0.9", Prometheus),
+            ("text/plain;q=0.2, application/json", Json),
+            ("text/plain;q=0, */*", Json),
+            ("text/plain, application/json", Json),
+            ("garbage;;;q=x,,", Json),
+            ("image/png", Json),
+        ] {
+            assert_eq!(negotiate(accept), want, "{accept:?}");
+        }
+        let req =
+            request("GET /metrics HTTP/1.1\r\nAccept: text/html\r\naccept: text/plain\r\n\r\n");
+        assert_eq!(req.accept, Prometheus, "repeated Accept lines are one list");
     }
 }

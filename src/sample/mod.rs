@@ -6,7 +6,13 @@
 //! encoder uses are generated from the one list below, so a new field cannot
 //! reach one consumer and miss another.
 
+pub mod detail;
+
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
+
+pub use detail::Detail;
 
 /// The schema number of [`Sample`]'s shape.
 pub const SCHEMA: u32 = 1;
@@ -72,6 +78,10 @@ macro_rules! schema {
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
         pub struct Sample {
             $( $(#[$doc])* pub $name: $ty, )*
+            /// The figures behind the totals (per CPU, interface, disk),
+            /// for the formats that carry them; not on the JSON wire.
+            #[serde(skip)]
+            pub detail: Option<Arc<Detail>>,
         }
 
         /// Every field name of the schema, in wire order.
@@ -181,7 +191,8 @@ pub fn footprint(sample: &Sample) -> usize {
             text += t.len();
         }
     });
-    std::mem::size_of::<Sample>() + 2 * std::mem::size_of::<usize>() + text
+    let detail = sample.detail.as_deref().map_or(0, Detail::footprint);
+    std::mem::size_of::<Sample>() + 2 * std::mem::size_of::<usize>() + text + detail
 }
 
 /// What a sample with typical ids and names takes ([`footprint`]); used to
