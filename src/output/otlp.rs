@@ -583,7 +583,7 @@ fn start_time(s: &Sample) -> Option<u64> {
         .detail
         .as_deref()
         .and_then(|d| d.boot_time)
-        .or_else(|| Some((s.timestamp_ms / 1000).checked_sub(s.uptime_seconds?)?))?;
+        .or_else(|| (s.timestamp_ms / 1000).checked_sub(s.uptime_seconds?))?;
     boot_s.checked_mul(1_000_000_000)
 }
 
