@@ -548,19 +548,9 @@ fn per_source(n: usize) -> Res<(Vec<SourceRow>, Totals)> {
         file_source(n, "uptime", "uptime", uptime::parse)?,
         file_source(n, "net/dev", "net/dev", net_dev::parse)?,
         file_source(n, "diskstats", "diskstats", diskstats::parse)?,
-        file_source(
-            n,
-            "pressure/cpu",
-            "pressure/cpu",
-            pressure::parse_some_avg10,
-        )?,
-        file_source(
-            n,
-            "pressure/memory",
-            "pressure/memory",
-            pressure::parse_some_avg10,
-        )?,
-        file_source(n, "pressure/io", "pressure/io", pressure::parse_some_avg10)?,
+        file_source(n, "pressure/cpu", "pressure/cpu", pressure::parse)?,
+        file_source(n, "pressure/memory", "pressure/memory", pressure::parse)?,
+        file_source(n, "pressure/io", "pressure/io", pressure::parse)?,
         file_source(n, "hostname", "sys/kernel/hostname", identity::parse_line)?,
     ];
     let proc = Path::new("/proc");
@@ -741,7 +731,7 @@ fn whole_sample(n: usize) -> Res<SampleFigures> {
         let _ = black_box(net_dev::parse(&texts[4]));
         let _ = black_box(diskstats::parse(&texts[5]));
         for t in &texts[6..] {
-            let _ = black_box(pressure::parse_some_avg10(t));
+            let _ = black_box(pressure::parse(t));
         }
     });
     allocs.push(("of which the nine files' parsers (procfs)", a, b));

@@ -147,7 +147,7 @@ fn parse_one(i: usize, text: &[u8]) -> usize {
         3 => uptime::parse(text).is_ok(),
         4 => net_dev::parse(text).is_ok(),
         5 => diskstats::parse(text).is_ok(),
-        _ => pressure::parse_some_avg10(text).is_ok(),
+        _ => pressure::parse(text).is_ok(),
     };
     usize::from(ok)
 }
