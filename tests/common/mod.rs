@@ -19,6 +19,8 @@ pub enum Mode {
     Status(u16, Vec<(String, String)>),
     /// 413 for requests with more than this many samples, else 204.
     TooLargeAbove(usize),
+    /// This status with this JSON body.
+    Body(u16, String),
     /// Read the request, then never answer (until the mode changes).
     Hang,
     /// Read the request, send half a response, close.
@@ -144,8 +146,16 @@ fn serve(mut conn: TcpStream, mode: Arc<Mutex<Mode>>, state: Arc<Mutex<State>>) 
         };
         let samples = serde_json::from_slice::<Vec<serde_json::Value>>(&body).unwrap_or_default();
         let mode_now = mode.lock().unwrap().clone();
+        let mut reply_body = String::new();
         let (status, extra): (u16, Vec<(String, String)>) = match &mode_now {
             Mode::Accept => (204, vec![]),
+            Mode::Body(code, b) => {
+                reply_body = b.clone();
+                (
+                    *code,
+                    vec![("Content-Type".into(), "application/json".into())],
+                )
+            }
             Mode::Status(code, h) => (*code, h.clone()),
             Mode::TooLargeAbove(n) if samples.len() > *n => (413, vec![]),
             Mode::TooLargeAbove(_) => (204, vec![]),
@@ -180,11 +190,15 @@ fn serve(mut conn: TcpStream, mode: Arc<Mutex<Mode>>, state: Arc<Mutex<State>>) 
             Mode::Reset => return,
             _ => {}
         }
-        let mut resp = format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n");
+        let mut resp = format!(
+            "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n",
+            reply_body.len()
+        );
         for (k, v) in extra {
             resp.push_str(&format!("{k}: {v}\r\n"));
         }
         resp.push_str("\r\n");
+        resp.push_str(&reply_body);
         if conn.write_all(resp.as_bytes()).is_err() {
             return;
         }
