@@ -746,7 +746,7 @@ fn whole_sample(n: usize) -> Res<SampleFigures> {
     let (a, b) = allocs_per(an, || {
         black_box(lp.sender.send(&lp.target, &fixed, None));
     });
-    allocs.push(("encode + push of one sample (src/client.rs)", a, b));
+    allocs.push(("encode + push of one sample (ureq)", a, b));
     let (a, b) = allocs_per(an, || {
         black_box(lp.once());
     });
