@@ -59,10 +59,12 @@ pub mod internals {
     pub use crate::deliver::push::{Outcome, Sender};
     pub use crate::net::client::Client;
     pub use crate::net::url::{Target, UrlTemplate};
+    pub use crate::output::otlp::partial_success;
     pub use crate::output::{content_type, encode};
     pub use crate::sample::footprint;
     pub use crate::serve::listener::{
-        LOOPBACK_RESERVE, Listener, MAX_CONNECTIONS, View, parse_head, spawn as spawn_listener,
+        LOOPBACK_RESERVE, Listener, MAX_CONNECTIONS, View, negotiate, parse_head,
+        spawn as spawn_listener,
     };
     pub use crate::status::Status;
     pub use crate::stop::Stop;
