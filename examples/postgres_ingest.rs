@@ -1,0 +1,672 @@
+//! The push route writing into the manager's own PostgreSQL
+//! (docs/manager.md, "Storing pushes in PostgreSQL"): every accepted sample
+//! becomes a row of `metrics.vm_metrics`, the table the manager's dashboards
+//! read, and is kept whole as JSONB in `metrics.guest_samples`, whose
+//! primary key (`run_id`, `seq`) de-duplicates. Both are written in one
+//! transaction per batch, so a batch the agent resends after a lost answer
+//! or a manager restart is stored once: the database remembers, not the
+//! process.
+//!
+//! ```text
+//! cargo run --example postgres_ingest -- --listen 127.0.0.1:18080 \
+//!     --database-url postgres://USER@127.0.0.1:5432/DB
+//! ```
+//!
+//! Answers, as the agent's delivery contract reads them
+//! (docs/design.md#delivery): 200 with `accepted`, `duplicates` and
+//! `conflicts` once committed; 400 for a body that is not samples (the
+//! kit's check); 413 over `ingest::MAX_BODY` (the agent halves its batch);
+//! 422 for a sample without a UUID `vm_id` (the column is `UUID NOT NULL`)
+//! or one the database refuses as data (the agent drops the batch: no retry
+//! could store it); 503 with `Retry-After` when the database cannot be
+//! reached or the transaction fails (the agent keeps the batch and retries).
+//!
+//! axum, tokio and sqlx are dev-dependencies of this crate: nothing here
+//! reaches the agent's binary.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes, HttpBody};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use guest_agent::Sample;
+use guest_agent::ingest::{self, Conflict, Refusal, Reply};
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::{Connection, Row};
+
+/// The example's schema: the shape of the manager's `metrics.vm_metrics`
+/// and the companion `metrics.guest_samples`, embedded at compile time.
+pub static MIGRATOR: Migrator = sqlx::migrate!("examples/postgres_ingest/migrations");
+
+/// The schema holding the migrator's own bookkeeping table. Not `public`:
+/// the manager's sqlx migrator keeps its `_sqlx_migrations` there, and two
+/// migrators sharing that table each refuse the other's versions.
+pub const MIGRATIONS_SCHEMA: &str = "metrics";
+
+/// How long a request waits for a pooled connection before answering 503.
+/// Short: while PostgreSQL is down, the agent is told to come back later
+/// instead of holding its request open.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How the route behaves, beyond its pool.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// The `Retry-After` of a 503, in seconds: about how long a database
+    /// restart takes. The agent waits at least this long before retrying.
+    pub retry_after_secs: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            retry_after_secs: 5,
+        }
+    }
+}
+
+/// What the route has answered since it started, for a health page or a
+/// test; all counts are of this process only.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Batches committed (200).
+    pub committed: AtomicU64,
+    /// Samples written for the first time.
+    pub accepted: AtomicU64,
+    /// Samples already stored with the same payload (resends).
+    pub duplicates: AtomicU64,
+    /// Samples whose pair was stored with a different payload.
+    pub conflicts: AtomicU64,
+    /// Batches refused for their payload (400, 413, 422).
+    pub refused: AtomicU64,
+    /// Batches answered 503: the database failed; the agent retries.
+    pub store_failed: AtomicU64,
+}
+
+impl Stats {
+    /// One of the counts, read now.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// The state the route shares between requests: cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pool: PgPool,
+    settings: Settings,
+    stats: Arc<Stats>,
+}
+
+impl AppState {
+    /// The route's state over a pool (from [`pool`], or the manager's own
+    /// with a short acquire timeout), on a database [`migrate`]d already.
+    pub fn new(pool: PgPool, settings: Settings) -> AppState {
+        AppState {
+            pool,
+            settings,
+            stats: Arc::default(),
+        }
+    }
+
+    /// What has been answered so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The pool the route writes through.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// A pool that never blocks a request for long: connections are made on
+/// demand (the route starts, and answers 503, while the database is down)
+/// and tested before use (after a database restart the old ones are
+/// dropped instead of failing a request).
+pub fn pool(url: &str, max_connections: u32) -> Result<PgPool, String> {
+    let options: PgConnectOptions = url
+        .parse()
+        .map_err(|e| format!("database URL {}: {e}", redact(url)))?;
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections.max(1))
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .test_before_acquire(true)
+        .connect_lazy_with(options))
+}
+
+/// Runs the example's migrations on one connection of its own, with the
+/// migrator's bookkeeping in [`MIGRATIONS_SCHEMA`].
+pub async fn migrate(url: &str) -> Result<(), String> {
+    let mut conn = PgConnection::connect(url)
+        .await
+        .map_err(|e| format!("connecting to {} to migrate: {e}", redact(url)))?;
+    let setup = format!(
+        "CREATE SCHEMA IF NOT EXISTS {MIGRATIONS_SCHEMA}; SET search_path TO {MIGRATIONS_SCHEMA}"
+    );
+    sqlx::raw_sql(&setup)
+        .execute(&mut conn)
+        .await
+        .map_err(|e| format!("preparing schema {MIGRATIONS_SCHEMA}: {e}"))?;
+    MIGRATOR
+        .run(&mut conn)
+        .await
+        .map_err(|e| format!("running the migrations: {e}"))?;
+    // The session's search_path must not outlive the migration.
+    conn.close()
+        .await
+        .map_err(|e| format!("closing the migration connection: {e}"))
+}
+
+/// `POST /v1/guest-metrics`, to merge into the manager's own router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/guest-metrics", post(push))
+        // The handler applies the kit's limit itself, answering with the
+        // kit's JSON refusal rather than axum's plain-text one.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+/// One batch: read, validate, store, answer.
+async fn push(State(state): State<AppState>, request: Request) -> Response {
+    let reply = match read_and_store(&state, request).await {
+        Ok(reply) => reply,
+        Err(Failure::Refused(refusal)) => {
+            state.stats.refused.fetch_add(1, Ordering::Relaxed);
+            refusal.reply()
+        }
+        Err(Failure::Store(why)) => {
+            state.stats.store_failed.fetch_add(1, Ordering::Relaxed);
+            eprintln!("postgres_ingest: {why}; answering {}", ingest::STORE_FAILED);
+            let mut response = respond(Reply::store_failed(&why));
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(state.settings.retry_after_secs),
+            );
+            return response;
+        }
+    };
+    respond(reply)
+}
+
+/// Why a batch was not stored: the agent drops a refused one and retries
+/// a failed store.
+enum Failure {
+    Refused(Refusal),
+    Store(String),
+}
+
+fn unprocessable(reason: String) -> Failure {
+    Failure::Refused(Refusal {
+        status: 422,
+        reason,
+    })
+}
+
+async fn read_and_store(state: &AppState, request: Request) -> Result<Reply, Failure> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = declared
+        && let Err(refusal) = ingest::check_length(len)
+    {
+        if len <= DRAIN_LIMIT {
+            drain(request.into_body()).await;
+        }
+        return Err(Failure::Refused(refusal));
+    }
+    let body = read_body(request.into_body()).await?;
+    let samples = ingest::parse(&body).map_err(Failure::Refused)?;
+    let batch = Columns::of(&samples)?;
+    let stored = store(&state.pool, &batch).await?;
+
+    let conflicts: Vec<Conflict> = batch
+        .conflicts
+        .into_iter()
+        .chain(stored.conflicts)
+        .collect();
+    for c in &conflicts {
+        eprintln!(
+            "postgres_ingest: run {} seq {} (vm {}) was stored before with a different payload; the first is kept",
+            c.run_id,
+            c.seq,
+            c.vm_id.as_deref().unwrap_or("?")
+        );
+    }
+    let accepted = stored.accepted;
+    let duplicates = (samples.len() as u64).saturating_sub(accepted + conflicts.len() as u64);
+    let stats = &state.stats;
+    stats.committed.fetch_add(1, Ordering::Relaxed);
+    stats.accepted.fetch_add(accepted, Ordering::Relaxed);
+    stats.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+    stats
+        .conflicts
+        .fetch_add(conflicts.len() as u64, Ordering::Relaxed);
+    let body = serde_json::json!({
+        "accepted": accepted,
+        "duplicates": duplicates,
+        "conflicts": conflicts,
+    });
+    Ok(Reply {
+        status: 200,
+        body: format!("{body}\n"),
+    })
+}
+
+/// How much of an oversized body is read (and thrown away) before the 413
+/// is sent. A client that is still writing when the server closes the
+/// connection gets a reset instead of the answer, and the agent would take
+/// that for a network error and resend the same batch forever; past this
+/// much, the connection is closed anyway.
+const DRAIN_LIMIT: u64 = 4 * ingest::MAX_BODY as u64;
+
+/// The next chunk of a body: `None` at its end.
+async fn next_chunk(body: &mut Body) -> Option<Result<Bytes, axum::Error>> {
+    loop {
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await?;
+        match frame {
+            Ok(frame) => match frame.into_data() {
+                Ok(data) => return Some(Ok(data)),
+                // Trailers: nothing of the payload.
+                Err(_) => continue,
+            },
+            Err(e) => return Some(Err(e)),
+        }
+    }
+}
+
+/// Reads a body of at most `ingest::MAX_BODY` bytes; a longer one is read
+/// on up to [`DRAIN_LIMIT`] and refused (413).
+async fn read_body(mut body: Body) -> Result<Vec<u8>, Failure> {
+    let mut kept = Vec::new();
+    let mut seen: u64 = 0;
+    while let Some(chunk) = next_chunk(&mut body).await {
+        let chunk = chunk.map_err(|e| {
+            // The client went away or sent a broken chunked body: nobody
+            // will read this answer.
+            Failure::Refused(Refusal {
+                status: 400,
+                reason: format!("reading the body: {e}"),
+            })
+        })?;
+        seen += chunk.len() as u64;
+        if seen > DRAIN_LIMIT {
+            break;
+        }
+        if seen <= ingest::MAX_BODY as u64 {
+            kept.extend_from_slice(&chunk);
+        }
+    }
+    ingest::check_length(seen).map_err(Failure::Refused)?;
+    Ok(kept)
+}
+
+/// Reads a body to its end (at most [`DRAIN_LIMIT`] bytes), keeping nothing.
+async fn drain(mut body: Body) {
+    let mut seen: u64 = 0;
+    while let Some(Ok(chunk)) = next_chunk(&mut body).await {
+        seen += chunk.len() as u64;
+        if seen > DRAIN_LIMIT {
+            return;
+        }
+    }
+}
+
+/// A batch as one array per column, for a single `UNNEST` insert: one
+/// round trip whatever the batch size. Pairs repeated within the body are
+/// kept once (the first), since one statement cannot both insert a pair and
+/// see it conflict.
+#[derive(Default)]
+struct Columns {
+    run_id: Vec<String>,
+    seq: Vec<i64>,
+    vm_id: Vec<String>,
+    timestamp_ms: Vec<i64>,
+    cpu_usage_percent: Vec<Option<f64>>,
+    memory_usage_percent: Vec<Option<f64>>,
+    memory_used_kb: Vec<Option<i64>>,
+    memory_total_kb: Vec<Option<i64>>,
+    load_average: Vec<Option<f64>>,
+    sample: Vec<String>,
+    /// Pairs seen earlier in this body with another payload.
+    conflicts: Vec<Conflict>,
+}
+
+impl Columns {
+    /// Checks every sample against the columns' types: a whole batch is
+    /// refused (422) for one bad sample, before anything is written.
+    fn of(samples: &[Sample]) -> Result<Columns, Failure> {
+        let mut c = Columns::default();
+        // Index of each pair's first occurrence in the columns.
+        let mut first: HashMap<(&str, u64), usize> = HashMap::new();
+        for (i, s) in samples.iter().enumerate() {
+            let Some(raw) = s.vm_id.as_deref() else {
+                return Err(unprocessable(format!(
+                    "sample {i}: no vm_id; every row of metrics.vm_metrics needs the VM's UUID"
+                )));
+            };
+            let vm_id = uuid::Uuid::try_parse(raw).map_err(|e| {
+                unprocessable(format!("sample {i}: vm_id {raw:?} is not a UUID: {e}"))
+            })?;
+            let json = serde_json::to_string(s)
+                .map_err(|e| Failure::Store(format!("sample {i}: cannot encode as JSON: {e}")))?;
+            if let Some(&at) = first.get(&(s.run_id.as_str(), s.seq)) {
+                if c.sample[at] != json {
+                    c.conflicts.push(Conflict {
+                        run_id: s.run_id.clone(),
+                        seq: s.seq,
+                        vm_id: s.vm_id.clone(),
+                    });
+                }
+                continue;
+            }
+            first.insert((s.run_id.as_str(), s.seq), c.seq.len());
+            c.seq.push(bigint(i, "seq", s.seq)?);
+            c.timestamp_ms
+                .push(bigint(i, "timestamp_ms", s.timestamp_ms)?);
+            c.memory_used_kb.push(
+                s.memory_used_kb
+                    .map(|v| bigint(i, "memory_used_kb", v))
+                    .transpose()?,
+            );
+            c.memory_total_kb.push(
+                s.memory_total_kb
+                    .map(|v| bigint(i, "memory_total_kb", v))
+                    .transpose()?,
+            );
+            c.run_id.push(s.run_id.clone());
+            c.vm_id.push(vm_id.hyphenated().to_string());
+            c.cpu_usage_percent.push(s.cpu_usage_percent);
+            c.memory_usage_percent.push(s.memory_usage_percent);
+            c.load_average.push(s.load_average);
+            c.sample.push(json);
+        }
+        Ok(c)
+    }
+}
+
+/// A u64 as PostgreSQL's BIGINT, which is signed.
+fn bigint(i: usize, field: &str, v: u64) -> Result<i64, Failure> {
+    i64::try_from(v)
+        .map_err(|_| unprocessable(format!("sample {i}: {field} {v} is over BIGINT's range")))
+}
+
+/// What the transaction wrote.
+struct Stored {
+    accepted: u64,
+    conflicts: Vec<Conflict>,
+}
+
+/// The batch in one statement: the companion table takes every pair it has
+/// not seen (`ON CONFLICT DO NOTHING`), and only the pairs it took go on to
+/// `vm_metrics`. Pairs already stored with another payload are listed:
+/// the statement's snapshot shows the table as it was before this insert.
+/// That look-up is a scalar subquery, run per incoming sample through the
+/// primary key: as a join, a plan made while the table was small (a
+/// prepared statement's generic plan) scans the whole table on every batch.
+const STORE: &str = r"
+WITH incoming AS (
+    SELECT t.*, timestamptz 'epoch' + t.timestamp_ms * interval '1 millisecond' AS recorded_at
+    FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::bigint[], $5::float8[],
+                $6::float8[], $7::bigint[], $8::bigint[], $9::float8[], $10::jsonb[])
+        AS t(run_id, seq, vm_id, timestamp_ms, cpu_usage_percent, memory_usage_percent,
+             memory_used_kb, memory_total_kb, load_average, sample)
+), fresh AS (
+    INSERT INTO metrics.guest_samples (run_id, seq, vm_id, recorded_at, sample)
+    SELECT run_id, seq, vm_id, recorded_at, sample FROM incoming
+    ON CONFLICT (run_id, seq) DO NOTHING
+    RETURNING run_id, seq
+), rows AS (
+    INSERT INTO metrics.vm_metrics (vm_id, recorded_at, cpu_usage_percent,
+        memory_usage_percent, memory_used_kb, memory_total_kb, load_average)
+    SELECT i.vm_id, i.recorded_at, i.cpu_usage_percent, i.memory_usage_percent,
+        i.memory_used_kb, i.memory_total_kb, i.load_average
+    FROM incoming i JOIN fresh f USING (run_id, seq)
+    RETURNING 1
+), differing AS (
+    SELECT i.run_id, i.seq, i.vm_id
+    FROM incoming i
+    WHERE (SELECT g.sample FROM metrics.guest_samples g
+           WHERE g.run_id = i.run_id AND g.seq = i.seq) <> i.sample
+)
+SELECT (SELECT count(*) FROM rows) AS accepted,
+       ARRAY(SELECT run_id FROM differing) AS conflict_run_ids,
+       ARRAY(SELECT seq FROM differing) AS conflict_seqs,
+       ARRAY(SELECT vm_id::text FROM differing) AS conflict_vm_ids
+";
+
+async fn store(pool: &PgPool, c: &Columns) -> Result<Stored, Failure> {
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(|e| database("opening a transaction", e))?;
+    let row = sqlx::query(STORE)
+        .bind(&c.run_id)
+        .bind(&c.seq)
+        .bind(&c.vm_id)
+        .bind(&c.timestamp_ms)
+        .bind(&c.cpu_usage_percent)
+        .bind(&c.memory_usage_percent)
+        .bind(&c.memory_used_kb)
+        .bind(&c.memory_total_kb)
+        .bind(&c.load_average)
+        .bind(&c.sample)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| database("storing the batch", e))?;
+    let read = |e| database("reading the insert's result", e);
+    let accepted: i64 = row.try_get("accepted").map_err(read)?;
+    let run_ids: Vec<String> = row.try_get("conflict_run_ids").map_err(read)?;
+    let seqs: Vec<i64> = row.try_get("conflict_seqs").map_err(read)?;
+    let vm_ids: Vec<String> = row.try_get("conflict_vm_ids").map_err(read)?;
+    tx.commit()
+        .await
+        .map_err(|e| database("committing the batch", e))?;
+    let conflicts = run_ids
+        .into_iter()
+        .zip(seqs)
+        .zip(vm_ids)
+        .map(|((run_id, seq), vm_id)| Conflict {
+            run_id,
+            seq: seq.unsigned_abs(),
+            vm_id: Some(vm_id),
+        })
+        .collect();
+    Ok(Stored {
+        accepted: accepted.unsigned_abs(),
+        conflicts,
+    })
+}
+
+/// A database error as the agent should see it. Data exceptions (class
+/// 22: a value out of a type's range) and integrity violations (class 23:
+/// a constraint the manager added, such as a foreign key to its VM table)
+/// would fail again on every retry, so the batch is refused; anything else
+/// (the server down or restarting, a lost connection, a full disk) is
+/// worth retrying.
+fn database(doing: &str, e: sqlx::Error) -> Failure {
+    if let Some(db) = e.as_database_error()
+        && let Some(code) = db.code()
+        && (code.starts_with("22") || code.starts_with("23"))
+    {
+        return unprocessable(format!(
+            "the database refused the batch ({doing}): {} (SQLSTATE {code})",
+            db.message()
+        ));
+    }
+    Failure::Store(format!("{doing}: {e}"))
+}
+
+/// A reply of the kit as an axum response.
+fn respond(reply: Reply) -> Response {
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        [(header::CONTENT_TYPE, Reply::CONTENT_TYPE)],
+        reply.body,
+    )
+        .into_response()
+}
+
+/// A database URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// The command line of `main`.
+#[derive(Debug)]
+pub struct Args {
+    /// Where to listen (`--listen`).
+    pub listen: SocketAddr,
+    /// The database (`--database-url`, else `DATABASE_URL`).
+    pub database_url: String,
+    /// The pool's size (`--max-connections`).
+    pub max_connections: u32,
+    /// The route's settings (`--retry-after`).
+    pub settings: Settings,
+}
+
+const USAGE: &str = "usage: postgres_ingest [--listen ADDR] [--database-url URL] \
+[--max-connections N] [--retry-after SECS]
+
+  --listen ADDR         address to serve POST /v1/guest-metrics on (127.0.0.1:18080)
+  --database-url URL    postgres://USER[:PASSWORD]@HOST[:PORT]/DB (default: $DATABASE_URL)
+  --max-connections N   database connections in the pool (8)
+  --retry-after SECS    Retry-After of a 503 when the database fails (5)";
+
+impl Args {
+    /// Parses `args` (without the program name); `Err` carries the message
+    /// to print, the usage for `--help`.
+    pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
+        let mut listen = "127.0.0.1:18080".to_string();
+        let mut database_url = std::env::var("DATABASE_URL").ok();
+        let mut max_connections = "8".to_string();
+        let mut retry_after = "5".to_string();
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            let (name, inline) = match arg.split_once('=') {
+                Some((n, v)) => (n.to_string(), Some(v.to_string())),
+                None => (arg.clone(), None),
+            };
+            if name == "--help" || name == "-h" {
+                return Err(USAGE.to_string());
+            }
+            let slot = match name.as_str() {
+                "--listen" => &mut listen,
+                "--max-connections" => &mut max_connections,
+                "--retry-after" => &mut retry_after,
+                "--database-url" => database_url.insert(String::new()),
+                _ => return Err(format!("unknown argument {arg:?}\n{USAGE}")),
+            };
+            *slot = match inline.or_else(|| args.next()) {
+                Some(v) => v,
+                None => return Err(format!("{name} needs a value\n{USAGE}")),
+            };
+        }
+        Ok(Args {
+            listen: listen
+                .parse()
+                .map_err(|e| format!("--listen {listen:?}: {e}"))?,
+            database_url: database_url
+                .ok_or_else(|| format!("no --database-url and no DATABASE_URL\n{USAGE}"))?,
+            max_connections: max_connections
+                .parse()
+                .map_err(|e| format!("--max-connections {max_connections:?}: {e}"))?,
+            settings: Settings {
+                retry_after_secs: retry_after
+                    .parse()
+                    .map_err(|e| format!("--retry-after {retry_after:?}: {e}"))?,
+            },
+        })
+    }
+}
+
+/// How long `main` keeps trying to migrate a database that is not up yet
+/// (started together with it, say).
+const MIGRATE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Migrates, then serves until the process is stopped.
+pub async fn serve(args: Args) -> Result<(), String> {
+    let started = Instant::now();
+    loop {
+        match migrate(&args.database_url).await {
+            Ok(()) => break,
+            Err(e) if started.elapsed() < MIGRATE_PATIENCE => {
+                eprintln!("postgres_ingest: {e}; trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let state = AppState::new(
+        pool(&args.database_url, args.max_connections)?,
+        args.settings,
+    );
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("the listener's address: {e}"))?;
+    println!("listening on {addr}");
+    axum::serve(listener, router(state))
+        .await
+        .map_err(|e| format!("serving on {addr}: {e}"))
+}
+
+/// `main` for any argument list: the exit status.
+pub fn run(args: impl IntoIterator<Item = String>) -> ExitCode {
+    let args = match Args::parse(args) {
+        Ok(a) => a,
+        Err(message) => {
+            eprintln!("{message}");
+            return if message == USAGE {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            };
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("postgres_ingest: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("postgres_ingest: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    run(std::env::args().skip(1))
+}

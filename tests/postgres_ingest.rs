@@ -1,0 +1,522 @@
+//! examples/postgres_ingest.rs against a real PostgreSQL started here
+//! (examples/support/postgres.rs): the real agent pushes into it, the route
+//! is killed and restarted, PostgreSQL is killed and restarted, and bodies
+//! it must refuse are refused; every check reads what the database holds.
+//!
+//! Without PostgreSQL's programs the tests are skipped, except under
+//! `CI=true`, where they fail and name the package to install.
+
+mod common;
+
+#[allow(dead_code)]
+#[path = "../examples/postgres_ingest.rs"]
+mod postgres_ingest;
+
+#[allow(dead_code)]
+#[path = "../examples/support/postgres.rs"]
+mod pg;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{AgentProcess, wait_until};
+use guest_agent::Sample;
+use pg::PgServer;
+use postgres_ingest::{AppState, Settings, Stats};
+use sqlx::Row;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+
+/// PostgreSQL's programs, or `None` after printing why the test skips;
+/// under `CI=true` a missing server fails the test.
+fn postgres_bin() -> Option<PathBuf> {
+    if let Some(dir) = pg::bin_dir() {
+        return Some(dir);
+    }
+    let why = format!(
+        "PostgreSQL's initdb, postgres and pg_isready are missing: install the {} package \
+         (apt-get install {}) or set GUEST_AGENT_PG_BIN",
+        pg::PACKAGE,
+        pg::PACKAGE
+    );
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+    eprintln!("skipping: {why}");
+    None
+}
+
+/// A fresh cluster, or `None` (skipped).
+fn postgres() -> Option<PgServer> {
+    let bin = postgres_bin()?;
+    Some(PgServer::start_new(&bin, &[]).unwrap_or_else(|e| panic!("{e}")))
+}
+
+/// The example's route on its own runtime thread, as a manager process
+/// would run it. Stopping it drops the runtime: open connections and
+/// transactions in flight are cut as a killed process cuts them, and
+/// nothing of it survives into the next start but the database.
+struct Route {
+    addr: SocketAddr,
+    state: AppState,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Route {
+    /// Migrates and serves on `addr` (port 0 for a free one).
+    fn start(addr: SocketAddr, database_url: &str) -> Route {
+        // Coming back on the port the agent targets: std sets SO_REUSEADDR,
+        // so the old connections' TIME_WAIT does not block the bind.
+        let listener = std::net::TcpListener::bind(addr).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let url = database_url.to_string();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                postgres_ingest::migrate(&url).await.unwrap();
+                let pool = postgres_ingest::pool(&url, 4).unwrap();
+                let state = AppState::new(
+                    pool,
+                    Settings {
+                        retry_after_secs: 1,
+                    },
+                );
+                let app = postgres_ingest::router(state.clone());
+                ready_tx.send(state).unwrap();
+                let l = tokio::net::TcpListener::from_std(listener).unwrap();
+                tokio::select! {
+                    served = axum::serve(l, app) => served.unwrap(),
+                    _ = stop_rx => {}
+                }
+            });
+            // Dropping the runtime drops every connection task mid-flight.
+            drop(rt);
+        });
+        let state = ready_rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the route migrated and started within 120 s");
+        Route {
+            addr,
+            state,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/v1/guest-metrics", self.addr)
+    }
+
+    fn stats(&self) -> &Stats {
+        self.state.stats()
+    }
+
+    /// Kills the route (its runtime and pool); the port is free afterwards.
+    fn kill(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            t.join().expect("the route's thread ended cleanly");
+        }
+    }
+}
+
+impl Drop for Route {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The test's own view of the database, on its own runtime.
+struct Db {
+    rt: tokio::runtime::Runtime,
+    pool: PgPool,
+}
+
+/// A row of `metrics.guest_samples`.
+struct Stored {
+    run_id: String,
+    seq: i64,
+    recorded_ms: i64,
+    sample: Sample,
+    raw: serde_json::Value,
+}
+
+/// A row of `metrics.vm_metrics`.
+#[derive(Debug, PartialEq)]
+struct Metrics {
+    vm_id: String,
+    recorded_ms: i64,
+    cpu_usage_percent: Option<f64>,
+    memory_usage_percent: Option<f64>,
+    memory_used_kb: Option<i64>,
+    memory_total_kb: Option<i64>,
+    load_average: Option<f64>,
+}
+
+impl Db {
+    fn connect(url: &str) -> Db {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let pool = rt
+            .block_on(
+                PgPoolOptions::new()
+                    .max_connections(2)
+                    .acquire_timeout(Duration::from_secs(30))
+                    .connect(url),
+            )
+            .unwrap();
+        Db { rt, pool }
+    }
+
+    fn samples(&self, vm_id: &str) -> Vec<Stored> {
+        let rows = self
+            .rt
+            .block_on(
+                sqlx::query(
+                    "SELECT run_id, seq, \
+                     (extract(epoch FROM recorded_at) * 1000)::bigint AS ms, sample::text AS sample \
+                     FROM metrics.guest_samples WHERE vm_id = $1::uuid ORDER BY run_id, seq",
+                )
+                .bind(vm_id)
+                .fetch_all(&self.pool),
+            )
+            .unwrap();
+        rows.iter()
+            .map(|r| {
+                let text: String = r.get("sample");
+                Stored {
+                    run_id: r.get("run_id"),
+                    seq: r.get("seq"),
+                    recorded_ms: r.get("ms"),
+                    sample: serde_json::from_str(&text).unwrap(),
+                    raw: serde_json::from_str(&text).unwrap(),
+                }
+            })
+            .collect()
+    }
+
+    fn seqs(&self, vm_id: &str) -> Vec<i64> {
+        self.samples(vm_id).iter().map(|s| s.seq).collect()
+    }
+
+    fn metrics(&self, vm_id: &str) -> Vec<Metrics> {
+        let rows = self
+            .rt
+            .block_on(
+                sqlx::query(
+                    "SELECT vm_id::text AS vm_id, \
+                     (extract(epoch FROM recorded_at) * 1000)::bigint AS ms, \
+                     cpu_usage_percent, memory_usage_percent, memory_used_kb, memory_total_kb, \
+                     load_average FROM metrics.vm_metrics WHERE vm_id = $1::uuid ORDER BY recorded_at",
+                )
+                .bind(vm_id)
+                .fetch_all(&self.pool),
+            )
+            .unwrap();
+        rows.iter()
+            .map(|r| Metrics {
+                vm_id: r.get("vm_id"),
+                recorded_ms: r.get("ms"),
+                cpu_usage_percent: r.get("cpu_usage_percent"),
+                memory_usage_percent: r.get("memory_usage_percent"),
+                memory_used_kb: r.get("memory_used_kb"),
+                memory_total_kb: r.get("memory_total_kb"),
+                load_average: r.get("load_average"),
+            })
+            .collect()
+    }
+
+    fn count(&self, sql: &str) -> i64 {
+        self.rt
+            .block_on(sqlx::query_scalar::<_, i64>(sql).fetch_one(&self.pool))
+            .unwrap()
+    }
+
+    /// Rows in both tables, all VMs.
+    fn totals(&self) -> (i64, i64) {
+        (
+            self.count("SELECT count(*) FROM metrics.guest_samples"),
+            self.count("SELECT count(*) FROM metrics.vm_metrics"),
+        )
+    }
+}
+
+/// What one agent run left in the database: every seq from 1 to the last
+/// exactly once in each table, and each vm_metrics row equal to its sample.
+/// Returns the last seq.
+fn assert_complete_run(db: &Db, vm_id: &str) -> i64 {
+    let samples = db.samples(vm_id);
+    let metrics = db.metrics(vm_id);
+    assert!(!samples.is_empty(), "no samples stored for {vm_id}");
+    let run = &samples[0].run_id;
+    assert!(
+        samples.iter().all(|s| &s.run_id == run),
+        "one agent run only"
+    );
+    let seqs: Vec<i64> = samples.iter().map(|s| s.seq).collect();
+    let last = *seqs.last().unwrap();
+    assert_eq!(
+        seqs,
+        (1..=last).collect::<Vec<_>>(),
+        "every seq from 1 to {last}, each once"
+    );
+    // vm_metrics has no unique key: a resend stored twice would show here.
+    assert_eq!(
+        metrics.len(),
+        samples.len(),
+        "one vm_metrics row per stored sample"
+    );
+    let by_time: HashMap<i64, &Metrics> = metrics.iter().map(|m| (m.recorded_ms, m)).collect();
+    assert_eq!(by_time.len(), metrics.len(), "distinct sample times");
+    for s in &samples {
+        let expected = Metrics {
+            vm_id: vm_id.to_string(),
+            recorded_ms: s.sample.timestamp_ms as i64,
+            cpu_usage_percent: s.sample.cpu_usage_percent,
+            memory_usage_percent: s.sample.memory_usage_percent,
+            memory_used_kb: s.sample.memory_used_kb.map(|v| v as i64),
+            memory_total_kb: s.sample.memory_total_kb.map(|v| v as i64),
+            load_average: s.sample.load_average,
+        };
+        assert_eq!(s.recorded_ms, expected.recorded_ms, "seq {}", s.seq);
+        assert_eq!(s.sample.seq as i64, s.seq);
+        assert_eq!(by_time.get(&expected.recorded_ms), Some(&&expected));
+    }
+    last
+}
+
+/// POSTs `body`: the status, the `Retry-After` header, the JSON answer.
+fn post(url: &str, body: &[u8]) -> (u16, Option<String>, serde_json::Value) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .proxy(None)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut r = agent
+        .post(url)
+        .header("Content-Type", "application/json")
+        .send(body)
+        .unwrap();
+    let retry_after = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let text = r.body_mut().read_to_vec().unwrap();
+    (
+        r.status().as_u16(),
+        retry_after,
+        serde_json::from_slice(&text).unwrap_or_default(),
+    )
+}
+
+/// The fixture's `MemTotal`, in KiB: what the agent's samples must carry.
+fn fixture_mem_total_kb() -> i64 {
+    let meminfo = std::fs::read_to_string(format!("{}/meminfo", common::fixture_root())).unwrap();
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+fn start_agent(url: &str, vm_id: &str) -> AgentProcess {
+    AgentProcess::start(&["--url", url, "--interval", "200ms", "--vm-id", vm_id])
+}
+
+#[test]
+fn the_agents_samples_become_rows_with_their_values() {
+    let Some(server) = postgres() else { return };
+    let route = Route::start("127.0.0.1:0".parse().unwrap(), &server.url());
+    let db = Db::connect(&server.url());
+    let vm = "0b7d6a0e-4c1f-4d59-9a55-1f0e6c7b8a01";
+    let agent = start_agent(&route.url(), vm);
+    wait_until(120, "five samples stored", || db.seqs(vm).len() >= 5);
+    let log = agent.terminate(30);
+    assert!(!log.contains("manager refused"), "{log}");
+
+    let last = assert_complete_run(&db, vm);
+    assert!(last >= 5);
+    let samples = db.samples(vm);
+    for s in &samples {
+        assert_eq!(s.sample.vm_id.as_deref(), Some(vm));
+        assert_eq!(
+            s.sample.memory_total_kb,
+            Some(fixture_mem_total_kb() as u64)
+        );
+        assert!(s.sample.memory_usage_percent.is_some());
+        // The JSONB is the whole sample: every field of the schema.
+        for field in guest_agent::sample::FIELDS {
+            assert!(s.raw.get(field).is_some(), "seq {}: no {field}", s.seq);
+        }
+    }
+    // The same comparison made by the database itself, on the JSONB.
+    let matching = db.count(&format!(
+        "SELECT count(*) FROM metrics.vm_metrics m JOIN metrics.guest_samples g \
+         ON m.vm_id = g.vm_id AND m.recorded_at = g.recorded_at \
+         WHERE m.vm_id = '{vm}' \
+         AND m.cpu_usage_percent IS NOT DISTINCT FROM (g.sample->>'cpu_usage_percent')::float8 \
+         AND m.memory_usage_percent IS NOT DISTINCT FROM (g.sample->>'memory_usage_percent')::float8 \
+         AND m.memory_used_kb IS NOT DISTINCT FROM (g.sample->>'memory_used_kb')::bigint \
+         AND m.recorded_at = timestamptz 'epoch' + (g.sample->>'timestamp_ms')::bigint * interval '1 millisecond'"
+    ));
+    assert_eq!(matching, samples.len() as i64);
+    assert_eq!(Stats::get(&route.stats().store_failed), 0);
+}
+
+#[test]
+fn a_killed_route_comes_back_and_resends_are_stored_once() {
+    let Some(server) = postgres() else { return };
+    let mut route = Route::start("127.0.0.1:0".parse().unwrap(), &server.url());
+    let addr = route.addr;
+    let db = Db::connect(&server.url());
+    let vm = "2c5e1d7a-8b3f-4e62-b0c4-5d6e7f8a9b02";
+    let agent = start_agent(&route.url(), vm);
+    wait_until(120, "five samples stored", || db.seqs(vm).len() >= 5);
+
+    route.kill();
+    let at_kill = db.seqs(vm).last().copied().unwrap_or(0);
+    // The agent keeps collecting and fails to connect meanwhile.
+    agent.wait_for_log(120, "push failed");
+    route = Route::start(addr, &server.url());
+    wait_until(120, "ten more samples after the restart", || {
+        db.seqs(vm).last().copied().unwrap_or(0) >= at_kill + 10
+    });
+    let log = agent.terminate(30);
+    assert!(!log.contains("manager refused"), "{log}");
+    let last = assert_complete_run(&db, vm);
+
+    // A batch resent after its answer was lost, to a route process that
+    // never saw it: the database recognises every pair.
+    let first_three: Vec<serde_json::Value> =
+        db.samples(vm).into_iter().take(3).map(|s| s.raw).collect();
+    let body = serde_json::to_vec(&first_three).unwrap();
+    let (status, _, counts) = post(&route.url(), &body);
+    assert_eq!(status, 200, "{counts}");
+    assert_eq!(
+        (&counts["accepted"], &counts["duplicates"]),
+        (&0.into(), &3.into())
+    );
+    route.kill();
+    route = Route::start(addr, &server.url());
+    let (status, _, counts) = post(&route.url(), &body);
+    assert_eq!(
+        (status, &counts["duplicates"]),
+        (200, &3.into()),
+        "{counts}"
+    );
+    // The same pair with another payload: listed, the first one kept.
+    let mut other = first_three[0].clone();
+    other["cpu_usage_percent"] = 99.5.into();
+    let (status, _, counts) = post(&route.url(), &serde_json::to_vec(&[&other]).unwrap());
+    assert_eq!(status, 200);
+    assert_eq!(counts["conflicts"][0]["seq"], 1, "{counts}");
+    assert_eq!(counts["accepted"], 0);
+    assert_ne!(db.samples(vm)[0].sample.cpu_usage_percent, Some(99.5));
+    assert_eq!(assert_complete_run(&db, vm), last);
+}
+
+#[test]
+fn postgres_restarting_mid_run_loses_nothing() {
+    let Some(mut server) = postgres() else { return };
+    let route = Route::start("127.0.0.1:0".parse().unwrap(), &server.url());
+    let db = Db::connect(&server.url());
+    let vm = "4e9a3b1c-2d7f-4a80-91b2-6c3d4e5f6a03";
+    let agent = start_agent(&route.url(), vm);
+    wait_until(120, "five samples stored", || db.seqs(vm).len() >= 5);
+    let before = db.seqs(vm).last().copied().unwrap_or(0);
+
+    server.stop();
+    let sample = common::once(&["--vm-id", vm, "--proc-root", &common::fixture_root()]);
+    let (status, retry_after, answer) =
+        post(&route.url(), &serde_json::to_vec(&[&sample]).unwrap());
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert!(answer["error"].is_string(), "{answer}");
+    // The agent's own batches get 503 too, and it keeps them.
+    wait_until(120, "the agent's pushes answered 503", || {
+        Stats::get(&route.stats().store_failed) >= 3
+    });
+    server.start().unwrap_or_else(|e| panic!("{e}"));
+
+    wait_until(120, "ten more samples after PostgreSQL is back", || {
+        db.seqs(vm).last().copied().unwrap_or(0) >= before + 10
+    });
+    let log = agent.terminate(30);
+    assert!(
+        log.contains("push failed"),
+        "the agent saw the outage: {log}"
+    );
+    assert!(!log.contains("manager refused"), "{log}");
+    assert_complete_run(&db, vm);
+}
+
+#[test]
+fn bodies_the_database_cannot_take_are_refused_and_store_nothing() {
+    let Some(server) = postgres() else { return };
+    let route = Route::start("127.0.0.1:0".parse().unwrap(), &server.url());
+    let db = Db::connect(&server.url());
+
+    // The real agent with a VM id that is not a UUID: 422, and it drops
+    // the batches (its log says so).
+    let agent = start_agent(&route.url(), "vm-not-a-uuid");
+    wait_until(120, "two batches refused", || {
+        Stats::get(&route.stats().refused) >= 2
+    });
+    let log = agent.terminate(30);
+    assert!(log.contains("with HTTP 422"), "{log}");
+    assert_eq!(db.totals(), (0, 0));
+
+    let vm = "6a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c04";
+    let good = common::once(&["--vm-id", vm, "--proc-root", &common::fixture_root()]);
+    let refused = |samples: &[&serde_json::Value]| {
+        let (status, _, answer) = post(&route.url(), &serde_json::to_vec(samples).unwrap());
+        assert_eq!(status, 422, "{answer}");
+        answer["error"].as_str().unwrap().to_string()
+    };
+    let mut no_id = good.clone();
+    no_id["vm_id"] = serde_json::Value::Null;
+    assert!(refused(&[&no_id]).contains("no vm_id"));
+    let mut bad = good.clone();
+    bad["vm_id"] = "vm-1".into();
+    bad["seq"] = 2.into();
+    // One bad sample refuses the batch: the good one is not stored either.
+    let reason = refused(&[&good, &bad]);
+    assert!(
+        reason.starts_with("sample 1: ") && reason.contains("not a UUID"),
+        "{reason}"
+    );
+    let mut huge = good.clone();
+    huge["memory_used_kb"] = u64::MAX.into();
+    assert!(refused(&[&huge]).contains("BIGINT"));
+    // Beyond PostgreSQL's timestamps: refused by the database (SQLSTATE
+    // class 22), in a transaction that leaves nothing behind.
+    let mut far = good.clone();
+    far["timestamp_ms"] = (i64::MAX as u64).into();
+    far["seq"] = 3.into();
+    assert!(refused(&[&good, &far]).contains("SQLSTATE 22"));
+    assert_eq!(db.totals(), (0, 0));
+
+    assert_eq!(post(&route.url(), b"[{\"schema\": 1,").0, 400);
+    let too_big = vec![b' '; guest_agent::ingest::MAX_BODY + 1];
+    assert_eq!(post(&route.url(), &too_big).0, 413);
+    assert_eq!(db.totals(), (0, 0));
+
+    // The good sample alone is stored.
+    let (status, _, counts) = post(&route.url(), &serde_json::to_vec(&[&good]).unwrap());
+    assert_eq!((status, &counts["accepted"]), (200, &1.into()), "{counts}");
+    assert_eq!(db.totals(), (1, 1));
+}
