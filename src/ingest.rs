@@ -183,26 +183,57 @@ struct Received {
 /// unique key on `run_id` and `seq`, as a database table can have). The
 /// refusal carries the status the delivery contract gives it.
 pub fn parse(body: &[u8]) -> Result<Vec<Sample>, Refusal> {
-    Ok(parse_received(body)?
-        .into_iter()
-        .map(|r| r.sample)
-        .collect())
+    each_sample(body, |i, raw| checked(i, raw))
 }
 
-/// Parses a POST body into samples with their fingerprints; no state is
-/// touched.
+/// A sample of a body and its text as sent: fields this version does not
+/// know (a newer agent's) are in the text and not in the [`Sample`].
+#[derive(Debug, Clone)]
+pub struct Parsed<'a> {
+    /// The sample, checked as [`parse`] checks it.
+    pub sample: Sample,
+    /// The sample's JSON object exactly as it is in the body.
+    pub text: &'a str,
+}
+
+/// [`parse`], each sample with its text, for a store that keeps samples
+/// whole (as JSONB, say) and must not lose what this version cannot read.
+pub fn parse_text(body: &[u8]) -> Result<Vec<Parsed<'_>>, Refusal> {
+    each_sample(body, |i, text| {
+        Ok(Parsed {
+            sample: checked(i, text)?,
+            text,
+        })
+    })
+}
+
+/// Samples with their fingerprints; no state is touched.
+fn parse_received(body: &[u8]) -> Result<Vec<Received>, Refusal> {
+    each_sample(body, |i, raw| {
+        Ok(Received {
+            sample: checked(i, raw)?,
+            fingerprint: fingerprint(raw.as_bytes()),
+        })
+    })
+}
+
+/// Reads a POST body and makes one `T` of each sample's raw text.
 ///
 /// The body is read as a stream of array elements, each held as the raw
 /// text it is in the body (no copy) until it is checked: a body that is
 /// not an array of objects fails at its first wrong element, and at most
 /// [`MAX_SAMPLES`] are taken. What this holds is the parsed samples, never
 /// a tree of the whole body.
-fn parse_received(body: &[u8]) -> Result<Vec<Received>, Refusal> {
+fn each_sample<'de, T>(
+    body: &'de [u8],
+    make: impl FnMut(usize, &'de str) -> Result<T, Refusal>,
+) -> Result<Vec<T>, Refusal> {
     check_length(body.len() as u64)?;
     let mut de = serde_json::Deserializer::from_slice(body);
     let mut items = Items {
         out: Vec::new(),
         refusal: None,
+        make,
     };
     let read = serde::Deserializer::deserialize_seq(&mut de, &mut items).and_then(|()| de.end());
     if let Some(refusal) = items.refusal {
@@ -224,14 +255,18 @@ fn parse_received(body: &[u8]) -> Result<Vec<Received>, Refusal> {
     Ok(items.out)
 }
 
-/// The visitor of the body's array: each element is checked and parsed
-/// as it comes; the first refusal stops the read.
-struct Items {
-    out: Vec<Received>,
+/// The visitor of the body's array: each element is checked and made
+/// into a `T` as it comes; the first refusal stops the read.
+struct Items<T, F> {
+    out: Vec<T>,
     refusal: Option<Refusal>,
+    make: F,
 }
 
-impl<'de> serde::de::Visitor<'de> for &mut Items {
+impl<'de, T, F> serde::de::Visitor<'de> for &mut Items<T, F>
+where
+    F: FnMut(usize, &'de str) -> Result<T, Refusal>,
+{
     type Value = ();
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -242,15 +277,15 @@ impl<'de> serde::de::Visitor<'de> for &mut Items {
         use serde::de::Error as _;
         while let Some(raw) = seq.next_element::<&'de serde_json::value::RawValue>()? {
             let i = self.out.len();
-            let checked = if i >= MAX_SAMPLES {
+            let made = if i >= MAX_SAMPLES {
                 Err(Refusal {
                     status: 413,
                     reason: format!("more than {MAX_SAMPLES} samples in one body"),
                 })
             } else {
-                received(i, raw.get())
+                (self.make)(i, raw.get())
             };
-            match checked {
+            match made {
                 Ok(r) => self.out.push(r),
                 Err(refusal) => {
                     self.refusal = Some(refusal);
@@ -271,7 +306,7 @@ struct SchemaOnly {
 
 /// Sample `i` of a body, from its raw text: schema, shape, then the
 /// length of every text field.
-fn received(i: usize, raw: &str) -> Result<Received, Refusal> {
+fn checked(i: usize, raw: &str) -> Result<Sample, Refusal> {
     if !raw.starts_with('{') {
         return Err(Refusal::malformed(format!("sample {i}: not a JSON object")));
     }
@@ -308,10 +343,7 @@ fn received(i: usize, raw: &str) -> Result<Received, Refusal> {
             "sample {i}: {name} is longer than {MAX_TEXT} bytes"
         )));
     }
-    Ok(Received {
-        sample,
-        fingerprint: fingerprint(raw.as_bytes()),
-    })
+    Ok(sample)
 }
 
 /// The fingerprint of a sample's payload as sent, unknown fields included:
@@ -656,6 +688,26 @@ mod tests {
             .remove("pressure_io_some_avg10");
         let b = Ingest::new().prepare(&body(&[older])).unwrap();
         assert_eq!(b.fresh().next().unwrap().pressure_io_some_avg10, None);
+    }
+
+    #[test]
+    fn parse_text_keeps_each_sample_as_sent() {
+        let mut newer = sample("r", 1, 1.0);
+        newer["gpu_usage_percent"] = 12.5.into();
+        let raw = format!(
+            "[ {} ,\n{}]",
+            serde_json::to_string(&newer).unwrap(),
+            serde_json::to_string(&sample("r", 2, 2.0)).unwrap()
+        );
+        let parsed = parse_text(raw.as_bytes()).unwrap();
+        assert_eq!(parsed.len(), 2);
+        let first: serde_json::Value = serde_json::from_str(parsed[0].text).unwrap();
+        assert_eq!(first, newer);
+        assert_eq!(parsed[1].sample.seq, 2);
+        assert_eq!(
+            parse_text(b"[{\"schema\": 2}]").unwrap_err().status,
+            parse(b"[{\"schema\": 2}]").unwrap_err().status
+        );
     }
 
     #[test]

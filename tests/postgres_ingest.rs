@@ -375,6 +375,22 @@ fn the_agents_samples_become_rows_with_their_values() {
     ));
     assert_eq!(matching, samples.len() as i64);
     assert_eq!(Stats::get(&route.stats().store_failed), 0);
+
+    // A newer agent's sample: the fields this build cannot read are kept
+    // in the JSONB as sent, indentation aside.
+    let mut newer = samples[0].raw.clone();
+    newer["run_id"] = "newer-agent-run".into();
+    newer["gpu_usage_percent"] = 12.5.into();
+    newer["restore"] = serde_json::json!({"generation": 2, "at_ms": 1});
+    let body = serde_json::to_vec_pretty(&[&newer]).unwrap();
+    let (status, _, counts) = post(&route.url(), &body);
+    assert_eq!((status, &counts["accepted"]), (200, &1.into()), "{counts}");
+    let kept = db
+        .samples(vm)
+        .into_iter()
+        .find(|s| s.run_id == "newer-agent-run")
+        .expect("the newer sample is stored");
+    assert_eq!(kept.raw, newer);
 }
 
 #[test]
