@@ -183,7 +183,7 @@ struct Received {
 /// unique key on `run_id` and `seq`, as a database table can have). The
 /// refusal carries the status the delivery contract gives it.
 pub fn parse(body: &[u8]) -> Result<Vec<Sample>, Refusal> {
-    each_sample(body, |i, raw| checked(i, raw))
+    each_sample(body, checked)
 }
 
 /// A sample of a body and its text as sent: fields this version does not
