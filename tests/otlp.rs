@@ -123,7 +123,8 @@ fn every_body_parses_with_the_official_schema_single_and_batched() {
         ("proc_root", "/proc"),
     ]))
     .unwrap();
-    wait_until(30, "a backlog", || a.health().buffered >= 4);
+    // More than the 10 samples one OTLP request carries at most.
+    wait_until(30, "a backlog", || a.health().buffered >= 12);
     rx.set_mode(Mode::Accept);
     wait_until(60, "the backlog and more delivered", || {
         a.health().delivered >= 10
@@ -165,15 +166,23 @@ fn every_body_parses_with_the_official_schema_single_and_batched() {
     ] {
         assert!(names.iter().any(|n| n == want), "{want} missing: {names:?}");
     }
-    // The first delivered body is the backlog: several samples' points.
-    let first: serde_json::Value = serde_json::from_slice(&bodies[0]).unwrap();
-    let uptime = first["resourceMetrics"][0]["scopeMetrics"][0]["metrics"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == "system.uptime")
-        .unwrap();
-    assert!(uptime["gauge"]["dataPoints"].as_array().unwrap().len() >= 4);
+    // The backlog goes out in batches of at most 10 samples (one
+    // `system.uptime` point each), the first of them full.
+    let samples_in = |body: &[u8]| {
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        v["resourceMetrics"][0]["scopeMetrics"][0]["metrics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "system.uptime")
+            .unwrap()["gauge"]["dataPoints"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let counts: Vec<usize> = bodies.iter().map(|b| samples_in(b)).collect();
+    assert_eq!(counts[0], 10, "{counts:?}");
+    assert!(counts.iter().all(|&n| n <= 10), "{counts:?}");
     assert_valid_otlp(&bodies);
 }
 

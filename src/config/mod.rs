@@ -75,6 +75,17 @@ impl Format {
     pub fn needs_detail(self) -> bool {
         self == Format::Otlp
     }
+
+    /// The most samples one request carries, whatever `batch` says: an OTLP
+    /// sample is about 24 KB (a data point per CPU mode, interface and disk
+    /// counter), so 10 keep a body near 250 KB, as a JSON batch of 100 is
+    /// near 100 KB. The body buffer grows to the largest body sent.
+    pub fn max_batch(self) -> usize {
+        match self {
+            Format::Otlp => 10,
+            Format::Json | Format::Influx => usize::MAX,
+        }
+    }
 }
 
 /// A value that must never be printed: `Debug` shows only whether it is set.

@@ -136,7 +136,7 @@ impl Sender {
             format: config.format,
             headers,
             timeout: config.timeout,
-            batch_limit: config.batch,
+            batch_limit: config.batch.min(config.format.max_batch()),
             backoff: Backoff::new(seed),
             body: Vec::with_capacity(64 * 1024),
             target: None,

@@ -174,16 +174,14 @@ impl Detail {
     pub fn footprint(&self) -> usize {
         use std::mem::size_of;
         size_of::<Detail>()
-            + self.cpus.len() * size_of::<CpuTimes>()
+            + self.cpus.capacity() * size_of::<CpuTimes>()
+            + self.interfaces.capacity() * size_of::<Interface>()
             + self
                 .interfaces
                 .iter()
-                .map(|i| size_of::<Interface>() + i.name.len())
+                .map(|i| i.name.capacity())
                 .sum::<usize>()
-            + self
-                .disks
-                .iter()
-                .map(|d| size_of::<Disk>() + d.name.len())
-                .sum::<usize>()
+            + self.disks.capacity() * size_of::<Disk>()
+            + self.disks.iter().map(|d| d.name.capacity()).sum::<usize>()
     }
 }
