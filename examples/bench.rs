@@ -38,8 +38,8 @@ use guest_agent::collect::{
     stat, uptime,
 };
 use guest_agent::config::{self, Format};
-use guest_agent::internals::encode;
 use guest_agent::internals::{Buffer, Outcome, Sender, Status, Target};
+use guest_agent::internals::{encode, encode_prometheus};
 use guest_agent::{Collector, Sample};
 
 #[allow(dead_code)] // the probe's process entry points are the example's
@@ -124,6 +124,8 @@ const USAGE: &str = "usage: bench [--quick] [--samples N] [--scrapes N] [--long 
   --quick       shorter run (under a minute): fewer iterations, a 20 s as-deployed run,
                 a short memory-growth loop
   --slices N    5-second slices of the as-deployed run (default 12; quick 4)
+  --runs N      alternating runs of the fair comparison (agent, floor + ureq, floor;
+                default 5 of 30 s each; quick 2 of 10 s)
   --samples N   timed iterations per CPU figure (default 5000; quick 1000)
   --scrapes N   node_exporter scrapes (default 500; quick 100)
   --long N      iterations of the in-process memory-growth loop (default 200000, about
@@ -134,7 +136,9 @@ const USAGE: &str = "usage: bench [--quick] [--samples N] [--scrapes N] [--long 
                 static binary), to compare builds in one run (repeatable)
   --only WHAT   run one loop of --samples iterations and print its figure, for a
                 profiler (perf record, valgrind --tool=callgrind): collect, encode, push,
-                floor; `deployed` for the as-deployed table alone, `allocs` for the
+                floor; `deployed` for the as-deployed table alone, `fair` for the
+                alternating runs alone, `formats` for the encode cost per wire format,
+                `allocs` for the
                 allocations per sample, `ingest` for the ingest kit's memory under
                 hostile bodies (docs/manager.md#what-the-kit-keeps-in-memory)";
 
@@ -145,6 +149,9 @@ struct Opts {
     /// Samples each agent child collects before its last memory reading.
     child_samples: u64,
     slices: u32,
+    /// Runs of the fair comparison, and 5-second slices in each.
+    runs: u32,
+    fair_slices: u32,
     only: Option<String>,
     /// Extra guest-agent rows of the as-deployed run.
     agent_variants: Vec<deployed::Variant>,
@@ -159,6 +166,8 @@ fn opts() -> Res<Opts> {
         long: if quick { 10_000 } else { 200_000 },
         child_samples: if quick { 50 } else { 1000 },
         slices: if quick { 4 } else { 12 },
+        runs: if quick { 2 } else { 5 },
+        fair_slices: if quick { 2 } else { 6 },
         only: None,
         agent_variants: Vec::new(),
     };
@@ -175,6 +184,7 @@ fn opts() -> Res<Opts> {
             "--scrapes" => o.scrapes = num("--scrapes")?.max(10) as usize,
             "--long" => o.long = num("--long")?.max(1000),
             "--slices" => o.slices = num("--slices")?.clamp(1, 1000) as u32,
+            "--runs" => o.runs = num("--runs")?.clamp(1, 100) as u32,
             "--only" => o.only = Some(it.next().ok_or("--only needs a loop name")?.clone()),
             "--agent-args" => o.agent_variants.push(deployed::Variant {
                 binary: None,
@@ -912,6 +922,7 @@ fn start_agent(
     label: &str,
     bin: &Path,
     receiver: Option<Receiver>,
+    extra: &[&str],
     tmp: &Path,
     log_name: &str,
 ) -> Res<AgentChild> {
@@ -927,6 +938,7 @@ fn start_agent(
             .args(["--url", &url, "--interval", "100ms", "--listen", "off"])
             .args(["--buffer", &BUFFER.to_string(), "--log", "warn"])
             .args(["--config", "/nonexistent/guest-agent.conf"])
+            .args(extra)
             .env_clear(),
         &tmp.join(log_name),
     )?;
@@ -1205,9 +1217,207 @@ fn run_deployed(o: &Opts, tmp: &Path) -> Res<deployed::Deployed> {
         CHILD_INTERVAL,
         Duration::from_secs(5),
         o.slices,
-        &o.agent_variants,
+        &deployed::Lineup::all(&o.agent_variants),
         tmp,
     )
+}
+
+/// One run of the fair comparison: whole-run CPU per sample, µs.
+struct FairRun {
+    reversed: bool,
+    agent_us: f64,
+    /// The probe parsing with procfs and posting through ureq.
+    crates_us: f64,
+    ureq_us: f64,
+    floor_us: f64,
+}
+
+/// The floors of the fair comparison: raw, with ureq for the POST (the
+/// agent's own client and resolver), and with procfs's parsing as well:
+/// the floor for the crates the agent is built on.
+const FAIR_FLOORS: [(&str, &[&str]); 3] = [
+    ("floor probe (static musl)", &[]),
+    ("floor + ureq for the POST", &["--ureq"]),
+    ("floor + procfs parsing + ureq", &["--parse", "--ureq"]),
+];
+
+/// The agent as deployed beside the floors of [`FAIR_FLOORS`], alone on
+/// the bench's side, in runs whose slot order alternates: whoever ticks
+/// first in an interval finds the caches colder, so each contender goes
+/// first as often as last.
+fn fair_runs(o: &Opts, tmp: &Path) -> Res<Vec<FairRun>> {
+    let target = target_dir().ok_or("cannot tell cargo's target directory")?;
+    let profile = profile_dir()
+        .and_then(|p| p.file_name().map(|f| f.to_string_lossy().to_string()))
+        .ok_or("cannot tell cargo's profile")?;
+    let (agent, probe) = deployed::musl_binaries(&target, &profile)?;
+    let floors = FAIR_FLOORS;
+    let mut out = Vec::new();
+    for i in 0..o.runs {
+        let reversed = i % 2 == 1;
+        eprint!("fair comparison, run {}/{}:", i + 1, o.runs);
+        let lineup = deployed::Lineup {
+            kmsg_off: false,
+            variants: &[],
+            floors: &floors,
+            others: false,
+            reversed,
+        };
+        let d = deployed::run(
+            &agent,
+            &probe,
+            CHILD_INTERVAL,
+            Duration::from_secs(5),
+            o.fair_slices,
+            &lineup,
+            tmp,
+        )?;
+        let find = |prefix: &str| {
+            d.rows
+                .iter()
+                .find(|r| r.label.starts_with(prefix))
+                .map(|r| r.cpu_us)
+                .ok_or_else(|| format!("the fair run has no {prefix:?} row"))
+        };
+        out.push(FairRun {
+            reversed,
+            agent_us: find("guest-agent")?,
+            crates_us: find(floors[2].0)?,
+            ureq_us: find(floors[1].0)?,
+            floor_us: find(floors[0].0)?,
+        });
+    }
+    Ok(out)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The agent ÷ each floor (procfs + ureq, ureq, raw): medians of the
+/// runs' ratios.
+fn fair_ratios(runs: &[FairRun]) -> (f64, f64, f64) {
+    let med = |f: fn(&FairRun) -> f64| median(runs.iter().map(|r| r.agent_us / f(r)).collect());
+    (
+        med(|r| r.crates_us),
+        med(|r| r.ureq_us),
+        med(|r| r.floor_us),
+    )
+}
+
+fn fair_table(runs: &[FairRun], slices: u32, md: &mut String) {
+    let mut p = |s: String| {
+        md.push_str(&s);
+        md.push('\n');
+    };
+    p("### Against the floor for the chosen crates".into());
+    p(String::new());
+    p(format!(
+        "The shipped agent as configured by default beside three floor probes, nothing else: raw, posting through ureq with the agent's own client (`--ureq`), and parsing with procfs as well (`--parse --ureq`, the floor for the crates the agent is built on); each sample every {} ms; {} runs of {} s, the slot order reversed every other run. Whole-process CPU per sample, µs.",
+        CHILD_INTERVAL.as_millis(),
+        runs.len(),
+        slices * 5
+    ));
+    p(String::new());
+    p("| run | first to tick | guest-agent | floor + procfs + ureq | floor + ureq | floor | × floor + procfs + ureq | × floor + ureq | × floor |".into());
+    p("|---:|---|---:|---:|---:|---:|---:|---:|---:|".into());
+    for (i, r) in runs.iter().enumerate() {
+        p(format!(
+            "| {} | {} | {} | {} | {} | {} | {:.2}× | {:.2}× | {:.2}× |",
+            i + 1,
+            if r.reversed { "floors" } else { "guest-agent" },
+            us(r.agent_us),
+            us(r.crates_us),
+            us(r.ureq_us),
+            us(r.floor_us),
+            r.agent_us / r.crates_us,
+            r.agent_us / r.ureq_us,
+            r.agent_us / r.floor_us
+        ));
+    }
+    let (vs_crates, vs_ureq, vs_floor) = fair_ratios(runs);
+    let med = |f: fn(&FairRun) -> f64| us(median(runs.iter().map(f).collect()));
+    p(format!(
+        "| **median** | | {} | {} | {} | {} | **{vs_crates:.2}×** | **{vs_ureq:.2}×** | **{vs_floor:.2}×** |",
+        med(|r| r.agent_us),
+        med(|r| r.crates_us),
+        med(|r| r.ureq_us),
+        med(|r| r.floor_us)
+    ));
+    p(String::new());
+}
+
+/// The encode cost of one real sample (its detail included) in each wire
+/// format, and the bytes it makes.
+struct FormatCost {
+    format: &'static str,
+    cpu: Timed,
+    bytes: usize,
+}
+
+fn format_costs(n: usize) -> Res<Vec<FormatCost>> {
+    let mut c = Collector::new(Path::new("/proc"), Some("bench".into()))?;
+    // Two collections, so that the CPU shares and rates are real.
+    c.collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let s = Arc::new(c.collect());
+    let batch = [s.clone()];
+    let mut body = Vec::with_capacity(64 * 1024);
+    let mut out = Vec::new();
+    for (name, format) in [
+        ("JSON (`format=json`, the default)", Format::Json),
+        ("Influx line protocol (`format=influx`)", Format::Influx),
+        ("OTLP/HTTP JSON (`format=otlp`)", Format::Otlp),
+    ] {
+        let cpu = measure(n, || {
+            encode(&batch, format, &mut body);
+            black_box(&body);
+        });
+        out.push(FormatCost {
+            format: name,
+            cpu,
+            bytes: body.len(),
+        });
+    }
+    let cpu = measure(n, || {
+        body.clear();
+        encode_prometheus(&s, s.detail.as_deref(), &mut body);
+        black_box(&body);
+    });
+    out.push(FormatCost {
+        format: "Prometheus text 0.0.4 (`GET /metrics`, scraped)",
+        cpu,
+        bytes: body.len(),
+    });
+    Ok(out)
+}
+
+fn format_table(costs: &[FormatCost], md: &mut String) {
+    let mut p = |s: String| {
+        md.push_str(&s);
+        md.push('\n');
+    };
+    p("### Encode cost per wire format".into());
+    p(String::new());
+    p("One real sample of this machine, its detail (per CPU, interface, disk) included, encoded into a kept buffer; thread CPU per encode.".into());
+    p(String::new());
+    p("| format | median µs | p99 µs | bytes per sample |".into());
+    p("|---|---:|---:|---:|".into());
+    for f in costs {
+        p(format!(
+            "| {} | {} | {} | {} |",
+            f.format,
+            us(f.cpu.cpu.median),
+            us(f.cpu.cpu.p99),
+            f.bytes
+        ));
+    }
+    p(String::new());
 }
 
 /// The headline table: machine, command and date first, then each process
@@ -1312,6 +1522,19 @@ fn only(o: &Opts, what: &str, n: usize, tmp: &Path) -> Res<()> {
         println!("\n{}", ingest_memory::table()?);
         return Ok(());
     }
+    if what == "fair" {
+        let runs = fair_runs(o, tmp)?;
+        let mut md = String::new();
+        fair_table(&runs, o.fair_slices, &mut md);
+        println!("\n{md}");
+        return Ok(());
+    }
+    if what == "formats" {
+        let mut md = String::new();
+        format_table(&format_costs(n)?, &mut md);
+        println!("\n{md}");
+        return Ok(());
+    }
     if what == "allocs" {
         let whole = whole_sample(n)?;
         println!("| loop | allocations | bytes asked |\n|---|---:|---:|");
@@ -1350,7 +1573,7 @@ fn only(o: &Opts, what: &str, n: usize, tmp: &Path) -> Res<()> {
         }
         other => {
             return Err(format!(
-                "--only {other:?}: expected collect, encode, push, floor, deployed, allocs or ingest"
+                "--only {other:?}: expected collect, encode, push, floor, deployed, fair, formats, allocs or ingest"
             )
             .into());
         }
@@ -1381,6 +1604,7 @@ fn run(o: &Opts, tmp: &Path) -> Res<()> {
         o.slices
     );
     let dep = run_deployed(o, tmp)?;
+    let fair = fair_runs(o, tmp)?;
 
     // Memory children next: they run at 100 ms while everything else is measured.
     let host = build_host_binary();
@@ -1397,6 +1621,7 @@ fn run(o: &Opts, tmp: &Path) -> Res<()> {
             &format!("{kind}, pushing to a receiver"),
             bin,
             Some(Receiver::start(true)?),
+            &[],
             tmp,
             &format!("agent-{i}.log"),
         )?);
@@ -1404,9 +1629,22 @@ fn run(o: &Opts, tmp: &Path) -> Res<()> {
             &format!("{kind}, outage (nothing listens)"),
             bin,
             None,
+            &[],
             tmp,
             &format!("agent-outage-{i}.log"),
         )?);
+        // OTLP keeps each buffered sample's detail (per CPU, interface,
+        // disk) for its encoder: the largest buffer the agent can hold.
+        if i == 0 {
+            children.push(start_agent(
+                &format!("{kind}, `--format otlp`, outage (nothing listens)"),
+                bin,
+                None,
+                &["--format", "otlp"],
+                tmp,
+                "agent-outage-otlp.log",
+            )?);
+        }
     }
     // "After start": once the first sample is delivered (or, in an outage,
     // after the same time).
@@ -1427,6 +1665,8 @@ fn run(o: &Opts, tmp: &Path) -> Res<()> {
     let (sources, totals) = per_source(o.samples)?;
     eprintln!("whole sample: collect, encode, push ...");
     let whole = whole_sample(o.samples)?;
+    eprintln!("encode cost per wire format ...");
+    let formats = format_costs(o.samples)?;
     eprintln!("node_exporter, {} scrapes ...", o.scrapes);
     let ne = node_exporter(o.scrapes, tmp)?;
     eprint!(
@@ -1485,6 +1725,8 @@ fn run(o: &Opts, tmp: &Path) -> Res<()> {
     // ------------------------------------------------------------ tables
     let mut md = String::new();
     deployed_tables(&dep, &mut md);
+    fair_table(&fair, o.fair_slices, &mut md);
+    format_table(&formats, &mut md);
     let mut p = |s: String| {
         md.push_str(&s);
         md.push('\n');
@@ -1741,6 +1983,12 @@ fn run(o: &Opts, tmp: &Path) -> Res<()> {
             verdict(ratio <= 1.2)
         ));
     }
+    let (vs_crates, vs_ureq, vs_floor) = fair_ratios(&fair);
+    p(format!(
+        "| CPU per sample as deployed ≤ 1.15× the floor for the chosen crates (procfs + ureq; median of {} alternating runs) | {vs_crates:.2}× ({vs_ureq:.2}× floor + ureq, {vs_floor:.2}× the raw floor) | {} |",
+        fair.len(),
+        verdict(vs_crates <= 1.15)
+    ));
     let hot = whole.push.cpu.median / whole.floor.cpu.median;
     p(format!(
         "| hot loop ≤ 1.3× the hot floor | {hot:.2}× ({} µs vs {} µs, medians) | {} |",

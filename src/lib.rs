@@ -60,6 +60,7 @@ pub mod internals {
     pub use crate::net::client::Client;
     pub use crate::net::url::{Target, UrlTemplate};
     pub use crate::output::otlp::partial_success;
+    pub use crate::output::prometheus::encode as encode_prometheus;
     pub use crate::output::{content_type, encode};
     pub use crate::sample::footprint;
     pub use crate::serve::listener::{

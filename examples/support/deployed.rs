@@ -217,15 +217,50 @@ impl Deployed {
     }
 }
 
-/// Starts every contender that is available, lets them warm up, then
-/// measures `slices` slices of `slice` each.
+/// Which processes one run compares, and in which order their ticks come.
+pub struct Lineup<'a> {
+    /// The shipped agent with `--kmsg off` too, besides as configured by
+    /// default.
+    pub kmsg_off: bool,
+    /// Further guest-agent rows.
+    pub variants: &'a [Variant],
+    /// The floor probe's rows: label and switches.
+    pub floors: &'a [(&'static str, &'static [&'static str])],
+    /// node_exporter and collectd, where installed.
+    pub others: bool,
+    /// Slots in the opposite order: the last contender ticks first.
+    pub reversed: bool,
+}
+
+/// The floor probe alone, with procfs's parsing, with ureq for the POST.
+pub const ALL_FLOORS: &[(&str, &[&str])] = &[
+    ("floor probe (static musl)", &[]),
+    ("floor + procfs parsing", &["--parse"]),
+    ("floor + ureq for the POST", &["--ureq"]),
+];
+
+impl Lineup<'_> {
+    /// Every contender: the headline table.
+    pub fn all(variants: &[Variant]) -> Lineup<'_> {
+        Lineup {
+            kmsg_off: true,
+            variants,
+            floors: ALL_FLOORS,
+            others: true,
+            reversed: false,
+        }
+    }
+}
+
+/// Starts every contender of `lineup` that is available, lets them warm
+/// up, then measures `slices` slices of `slice` each.
 pub fn run(
     agent: &Path,
     floor: &Path,
     interval: Duration,
     slice: Duration,
     slices: u32,
-    variants: &[Variant],
+    lineup: &Lineup<'_>,
     tmp: &Path,
 ) -> Res<Deployed> {
     let ms = interval.as_millis();
@@ -237,35 +272,31 @@ pub fn run(
     // such run the same binary cost 699 µs per sample started first and
     // 455 µs started third. A guest agent wakes alone, so each is measured
     // alone.
-    let node_exporter = Path::new(NODE_EXPORTER).exists();
-    let collectd =
-        Path::new(COLLECTD).exists() && Path::new(COLLECTD_PLUGINS).join("write_http.so").exists();
+    let node_exporter = lineup.others && Path::new(NODE_EXPORTER).exists();
+    let collectd = lineup.others
+        && Path::new(COLLECTD).exists()
+        && Path::new(COLLECTD_PLUGINS).join("write_http.so").exists();
     // The shipped agent as configured by default; the same without the
     // restore watcher (whose check, a moment after each collection, is a
     // second wake-up per sample: docs/snapshots.md#timing); then any
     // variants asked for.
-    let agents: Vec<Variant> = [
-        Variant {
-            binary: None,
-            args: Vec::new(),
-        },
-        Variant {
+    let mut agents = vec![Variant {
+        binary: None,
+        args: Vec::new(),
+    }];
+    if lineup.kmsg_off {
+        agents.push(Variant {
             binary: None,
             args: vec!["--kmsg".into(), "off".into()],
-        },
-    ]
-    .into_iter()
-    .chain(variants.iter().cloned())
-    .collect();
-    let floors = [
-        ("floor probe (static musl)", &[][..]),
-        ("floor + procfs parsing", &["--parse"][..]),
-        ("floor + ureq for the POST", &["--ureq"][..]),
-    ];
+        });
+    }
+    agents.extend(lineup.variants.iter().cloned());
+    let floors = lineup.floors;
     let count = agents.len() + floors.len() + usize::from(node_exporter) + usize::from(collectd);
     let slot = interval / count as u32;
     let t0 = Instant::now() + Duration::from_millis(10);
     let slot_at = |k: usize| {
+        let k = if lineup.reversed { count - 1 - k } else { k };
         let mut at = t0 + slot * k as u32;
         while at < Instant::now() {
             at += interval;
@@ -309,7 +340,7 @@ pub fn run(
     // The floor, then the floor plus the parsing the agent does (procfs's
     // parsers, the rule), and plus the HTTP client the agent used before
     // (ureq), so that the gap is taken apart in the same run.
-    for (label, extra) in floors {
+    for &(label, extra) in floors {
         let r = Receiver::start(false)?;
         let url = r.url();
         wait_for_slot(contenders.len());
