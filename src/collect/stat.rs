@@ -48,6 +48,12 @@ pub fn parse(text: &[u8]) -> Result<StatReading, ProcError> {
             stats.cpu_time.len()
         )));
     }
+    // Two lines for one CPU would count its ticks twice in every window.
+    let mut seen = ids.clone();
+    seen.sort_unstable();
+    if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
+        return Err(ProcError::Other(format!("cpu{} listed twice", w[0])));
+    }
     let guest = stats
         .cpu_time
         .iter()
@@ -133,6 +139,14 @@ softirq 1 2 3
     fn malformed_counter_is_an_error() {
         let bad = SAMPLE.replace("cpu1 1335085", "cpu1 13x5085");
         assert!(parse(bad.as_bytes()).is_err());
+    }
+
+    // Found by the fuzz target `proc` (docs/testing.md#fuzzing).
+    #[test]
+    fn a_cpu_listed_twice_is_an_error() {
+        let bad = SAMPLE.replace("cpu3 ", "cpu1 ");
+        let e = parse(bad.as_bytes()).unwrap_err().to_string();
+        assert!(e.contains("cpu1 listed twice"), "{e}");
     }
 
     #[test]
