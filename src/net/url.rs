@@ -140,6 +140,14 @@ impl Target {
 
 /// Parses a complete `http://` URL into a [`Target`].
 fn parse_http(url: &str) -> Result<Target, String> {
+    // The parser drops a fragment without a word, and everything after
+    // `#` with it: `http://h#x:9/p` would be sent to `http://h/`.
+    if url.contains('#') {
+        return Err(format!("{EXPECTED_URL} (no #fragment: it is never sent)"));
+    }
+    if let Some(c) = url.chars().find(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!("{EXPECTED_URL} (character {c:?} in the URL)"));
+    }
     let uri: Uri = url.parse().map_err(|_| EXPECTED_URL.to_string())?;
     match uri.scheme_str() {
         Some("http") => {}
@@ -317,6 +325,11 @@ mod tests {
             ("http://h/a\u{0}b", ""),
             ("http://h/a\u{7f}b", ""),
             ("", ""),
+            // Found by the fuzz target `route_url` (docs/testing.md#fuzzing):
+            // sent as http://10.0.2.2/ before.
+            ("Http://{gateway}#8+6734/vguest-metrics", "fragment"),
+            ("http://h:9/p#top", "fragment"),
+            ("http://h:9/p\tq", "character '\\t'"),
         ] {
             let e = UrlTemplate::parse(bad).unwrap_err();
             assert!(e.starts_with("off, or http://"), "{bad:?}: {e}");
