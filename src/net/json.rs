@@ -147,10 +147,13 @@ impl Reader<'_> {
                 b'"' => break,
                 b'\\' => {
                     let unit = |r: &mut Self| -> std::result::Result<u16, String> {
+                        // from_str_radix alone takes a sign: `\u+00e` is no escape.
                         let hex =
                             r.b.get(r.i..r.i + 4)
-                                .and_then(|h| std::str::from_utf8(h).ok());
-                        let unit = hex.and_then(|h| u16::from_str_radix(h, 16).ok());
+                                .filter(|h| h.iter().all(u8::is_ascii_hexdigit));
+                        let unit = hex
+                            .and_then(|h| std::str::from_utf8(h).ok())
+                            .and_then(|h| u16::from_str_radix(h, 16).ok());
                         r.i += 4;
                         unit.ok_or_else(|| r.error("four hex digits"))
                     };
@@ -290,6 +293,9 @@ mod tests {
             b"{\"a\": True}",
             b"{\"a\": \"\\x\"}",
             b"{\"a\": \"\\u12\"}",
+            // Found by the fuzz target `mmds` (docs/testing.md#fuzzing).
+            b"{\"a\": \"\\u+00e9\"}",
+            b"{\"a\": \"\\ud83d\\u+e00\"}",
             b"{\"a\": \"\\udc00\"}",
             b"{\"a\": \"tab\there\"}",
             b"{\"a\": \"\xff\"}",
