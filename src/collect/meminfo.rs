@@ -38,10 +38,14 @@ impl MemReading {
 
 /// Parses the text of `meminfo`.
 pub fn parse(text: &[u8]) -> Result<MemReading, ProcError> {
+    procfs_can_read(text)?;
     let m = Meminfo::from_buf_read(text)?;
-    let available = m
-        .mem_available
-        .unwrap_or_else(|| m.mem_free + m.buffers + m.cached + m.s_reclaimable.unwrap_or(0));
+    let available = m.mem_available.unwrap_or_else(|| {
+        m.mem_free
+            .saturating_add(m.buffers)
+            .saturating_add(m.cached)
+            .saturating_add(m.s_reclaimable.unwrap_or(0))
+    });
     let available = available.min(m.mem_total);
     Ok(MemReading {
         total_kb: m.mem_total / 1024,
@@ -59,6 +63,49 @@ pub fn parse(text: &[u8]) -> Result<MemReading, ProcError> {
             swap_free: m.swap_free,
         },
     })
+}
+
+/// Refuses what procfs 0.18 would mishandle rather than report: it cuts
+/// the last byte off every key unchecked (a key ending in a multi-byte
+/// character panics, and the release build aborts on a panic), and it
+/// multiplies by the unit (`kB` and the others it knows) unchecked, which
+/// wraps into a wrong figure. A number of fewer than 11 digits cannot
+/// overflow, so only the rare longer one is parsed here.
+fn procfs_can_read(text: &[u8]) -> Result<(), ProcError> {
+    for line in text.split(|b| *b == b'\n') {
+        let mut fields = line
+            .split(|b| b.is_ascii_whitespace())
+            .filter(|f| !f.is_empty());
+        let shown = || String::from_utf8_lossy(line).into_owned();
+        let Some(key) = fields.next() else {
+            continue;
+        };
+        if !key.ends_with(b":") {
+            return Err(ProcError::Other(format!("{:?} is not KEY: VALUE", shown())));
+        }
+        let (Some(n), Some(unit)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if n.len() < 11 {
+            continue;
+        }
+        let shift = match unit {
+            b"KiB" | b"kiB" | b"kB" | b"KB" => 10,
+            b"MiB" | b"miB" | b"MB" | b"mB" => 20,
+            b"GiB" | b"giB" | b"GB" | b"gB" => 30,
+            _ => 0,
+        };
+        let n = std::str::from_utf8(n)
+            .ok()
+            .and_then(|n| n.parse::<u64>().ok());
+        if n.is_some_and(|n| n.leading_zeros() < shift) {
+            return Err(ProcError::Other(format!(
+                "{:?} does not fit in 64 bits of bytes",
+                shown()
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -107,6 +154,29 @@ mod tests {
     fn falls_back_without_mem_available() {
         let m = parse(meminfo(FIGURES, &["MemAvailable"]).as_bytes()).unwrap();
         assert_eq!(m.available_kb, 1_000_000 + 200_000 + 3_000_000 + 300_000);
+    }
+
+    // Found by the fuzz target `proc` (docs/testing.md#fuzzing): procfs
+    // multiplied this into a wrapped (or, with overflow checks, a panic).
+    #[test]
+    fn a_figure_over_64_bits_of_bytes_is_an_error() {
+        for line in ["MemTotal: 18014398509481984 kB", "Cached: 17179869184 GB"] {
+            let text = meminfo(FIGURES, &[]) + line + "\n";
+            let e = parse(text.as_bytes()).unwrap_err().to_string();
+            assert!(e.contains("does not fit in 64 bits"), "{line}: {e}");
+        }
+        // The largest that fits, and the kernel's own 11-digit figures.
+        let text =
+            meminfo(FIGURES, &[]) + "VmallocTotal: 34359738367 kB\nHuge: 18014398509481983 kB\n";
+        parse(text.as_bytes()).unwrap();
+    }
+
+    // Found by the fuzz target `proc`: procfs panicked on this key.
+    #[test]
+    fn a_key_without_its_colon_is_an_error() {
+        let text = meminfo(FIGURES, &[]).replace("MemAvailable:", "MemAvailable(ò");
+        let e = parse(text.as_bytes()).unwrap_err().to_string();
+        assert!(e.contains("is not KEY: VALUE"), "{e}");
     }
 
     #[test]
