@@ -55,10 +55,12 @@ pub use status::{GuestIpReport, GuestIpState, Health, HealthState, PushState};
 #[doc(hidden)]
 pub mod internals {
     pub use crate::collect::route::parse_default_gateway;
+    pub use crate::deliver::backoff::parse_retry_after;
     pub use crate::deliver::buffer::{Batch, Buffer};
     pub use crate::deliver::push::{Outcome, Sender};
     pub use crate::net::client::Client;
-    pub use crate::net::url::{Target, UrlTemplate};
+    pub use crate::net::json::{Scalar, flat_object};
+    pub use crate::net::url::{Target, UrlTemplate, VsockUrl};
     pub use crate::output::otlp::partial_success;
     pub use crate::output::prometheus::encode as encode_prometheus;
     pub use crate::output::{content_type, encode};
@@ -69,4 +71,5 @@ pub mod internals {
     };
     pub use crate::status::Status;
     pub use crate::stop::Stop;
+    pub use crate::vm::guest_ip::report_url;
 }

@@ -35,7 +35,7 @@ pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// The path under the manager's base URL, around the VM id. The VM id is
 /// made of URL-safe characters only (its configuration check,
 /// docs/design.md#configuration), so it goes into the path as it is.
-fn report_url(base: &str, vm_id: &str) -> String {
+pub fn report_url(base: &str, vm_id: &str) -> String {
     format!("{}/v1/vms/{vm_id}/guest-ip", base.trim_end_matches('/'))
 }
 
