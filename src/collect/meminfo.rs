@@ -72,37 +72,45 @@ pub fn parse(text: &[u8]) -> Result<MemReading, ProcError> {
 /// wraps into a wrong figure. A number of fewer than 11 digits cannot
 /// overflow, so only the rare longer one is parsed here.
 fn procfs_can_read(text: &[u8]) -> Result<(), ProcError> {
+    let refuse = |line: &[u8], why: &str| {
+        Err(ProcError::Other(format!(
+            "{:?} {why}",
+            String::from_utf8_lossy(line)
+        )))
+    };
     for line in text.split(|b| *b == b'\n') {
-        let mut fields = line
-            .split(|b| b.is_ascii_whitespace())
-            .filter(|f| !f.is_empty());
-        let shown = || String::from_utf8_lossy(line).into_owned();
-        let Some(key) = fields.next() else {
-            continue;
-        };
-        if !key.ends_with(b":") {
-            return Err(ProcError::Other(format!("{:?} is not KEY: VALUE", shown())));
-        }
-        let (Some(n), Some(unit)) = (fields.next(), fields.next()) else {
-            continue;
-        };
-        if n.len() < 11 {
+        let line = line.trim_ascii_start();
+        // The key is what procfs splits off at the first white space.
+        let key_end = line
+            .iter()
+            .position(u8::is_ascii_whitespace)
+            .unwrap_or(line.len());
+        if key_end == 0 {
             continue;
         }
+        if line[key_end - 1] != b':' {
+            return refuse(line, "is not KEY: VALUE");
+        }
+        let rest = line[key_end..].trim_ascii_start();
+        let digits = rest
+            .iter()
+            .position(|b| !b.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits < 11 {
+            continue;
+        }
+        let unit = rest[digits..].trim_ascii();
         let shift = match unit {
             b"KiB" | b"kiB" | b"kB" | b"KB" => 10,
             b"MiB" | b"miB" | b"MB" | b"mB" => 20,
             b"GiB" | b"giB" | b"GB" | b"gB" => 30,
             _ => 0,
         };
-        let n = std::str::from_utf8(n)
+        let n = std::str::from_utf8(&rest[..digits])
             .ok()
             .and_then(|n| n.parse::<u64>().ok());
         if n.is_some_and(|n| n.leading_zeros() < shift) {
-            return Err(ProcError::Other(format!(
-                "{:?} does not fit in 64 bits of bytes",
-                shown()
-            )));
+            return refuse(line, "does not fit in 64 bits of bytes");
         }
     }
     Ok(())
