@@ -69,48 +69,37 @@ pub fn parse(text: &[u8]) -> Result<MemReading, ProcError> {
 /// the last byte off every key unchecked (a key ending in a multi-byte
 /// character panics, and the release build aborts on a panic), and it
 /// multiplies by the unit (`kB` and the others it knows) unchecked, which
-/// wraps into a wrong figure. A number of fewer than 11 digits cannot
-/// overflow, so only the rare longer one is parsed here.
+/// wraps into a wrong figure. Each line is split as procfs splits it
+/// (`lines`, then `split_whitespace`: a vertical tab separates too).
 fn procfs_can_read(text: &[u8]) -> Result<(), ProcError> {
-    let refuse = |line: &[u8], why: &str| {
-        Err(ProcError::Other(format!(
-            "{:?} {why}",
-            String::from_utf8_lossy(line)
-        )))
+    // procfs refuses text that is not UTF-8 itself.
+    let Ok(text) = std::str::from_utf8(text) else {
+        return Ok(());
     };
-    for line in text.split(|b| *b == b'\n') {
-        let line = line.trim_ascii_start();
-        // The key is what procfs splits off at the first white space.
-        let key_end = line
-            .iter()
-            .position(u8::is_ascii_whitespace)
-            .unwrap_or(line.len());
-        if key_end == 0 {
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(key) = fields.next() else {
+            continue;
+        };
+        let refuse = |why: &str| Err(ProcError::Other(format!("{line:?} {why}")));
+        if !key.ends_with(':') {
+            return refuse("is not KEY: VALUE");
+        }
+        let (Some(n), Some(unit)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        // Fewer than 11 digits cannot overflow even in GiB.
+        if n.len() < 11 {
             continue;
         }
-        if line[key_end - 1] != b':' {
-            return refuse(line, "is not KEY: VALUE");
-        }
-        let rest = line[key_end..].trim_ascii_start();
-        let digits = rest
-            .iter()
-            .position(|b| !b.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits < 11 {
-            continue;
-        }
-        let unit = rest[digits..].trim_ascii();
         let shift = match unit {
-            b"KiB" | b"kiB" | b"kB" | b"KB" => 10,
-            b"MiB" | b"miB" | b"MB" | b"mB" => 20,
-            b"GiB" | b"giB" | b"GB" | b"gB" => 30,
+            "KiB" | "kiB" | "kB" | "KB" => 10,
+            "MiB" | "miB" | "MB" | "mB" => 20,
+            "GiB" | "giB" | "GB" | "gB" => 30,
             _ => 0,
         };
-        let n = std::str::from_utf8(&rest[..digits])
-            .ok()
-            .and_then(|n| n.parse::<u64>().ok());
-        if n.is_some_and(|n| n.leading_zeros() < shift) {
-            return refuse(line, "does not fit in 64 bits of bytes");
+        if n.parse::<u64>().is_ok_and(|n| n.leading_zeros() < shift) {
+            return refuse("does not fit in 64 bits of bytes");
         }
     }
     Ok(())
@@ -168,7 +157,12 @@ mod tests {
     // multiplied this into a wrapped (or, with overflow checks, a panic).
     #[test]
     fn a_figure_over_64_bits_of_bytes_is_an_error() {
-        for line in ["MemTotal: 18014398509481984 kB", "Cached: 17179869184 GB"] {
+        for line in [
+            "MemTotal: 18014398509481984 kB",
+            "Cached: 17179869184 GB",
+            // Found by the fuzz target `proc`: procfs splits at \v too.
+            "Cached: 0060000000068739949 kB\u{b}p4/: B",
+        ] {
             let text = meminfo(FIGURES, &[]) + line + "\n";
             let e = parse(text.as_bytes()).unwrap_err().to_string();
             assert!(e.contains("does not fit in 64 bits"), "{line}: {e}");
