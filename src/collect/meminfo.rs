@@ -72,9 +72,11 @@ pub fn parse(text: &[u8]) -> Result<MemReading, ProcError> {
 /// wraps into a wrong figure. Each line is split as procfs splits it
 /// (`lines`, then `split_whitespace`: a vertical tab separates too).
 fn procfs_can_read(text: &[u8]) -> Result<(), ProcError> {
-    // procfs refuses text that is not UTF-8 itself.
-    let Ok(text) = std::str::from_utf8(text) else {
-        return Ok(());
+    // procfs reads line by line and stops at the first that is not UTF-8,
+    // after acting on those before it.
+    let text = match std::str::from_utf8(text) {
+        Ok(t) => t,
+        Err(e) => std::str::from_utf8(&text[..e.valid_up_to()]).unwrap_or_default(),
     };
     for line in text.lines() {
         let mut fields = line.split_whitespace();
@@ -165,6 +167,11 @@ mod tests {
         ] {
             let text = meminfo(FIGURES, &[]) + line + "\n";
             let e = parse(text.as_bytes()).unwrap_err().to_string();
+            assert!(e.contains("does not fit in 64 bits"), "{line}: {e}");
+            // A later line that is not UTF-8 does not stop procfs first.
+            let mut text = text.into_bytes();
+            text.extend_from_slice(b"DirectMa\xf0\x02M: 1 kB\n");
+            let e = parse(&text).unwrap_err().to_string();
             assert!(e.contains("does not fit in 64 bits"), "{line}: {e}");
         }
         // The largest that fits, and the kernel's own 11-digit figures.
