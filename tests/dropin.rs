@@ -165,8 +165,12 @@ fn the_installers_file_alone_serves_todays_manager() {
     assert_eq!(seqs[0], 1, "the first samples were kept: {seqs:?}");
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
     assert!(stored.iter().all(|s| s.vm_id.as_deref() == Some(VM_ID)));
-    let (_, health) = get_json(&format!("{base}/health"));
-    assert_eq!(health["push_state"], "ok", "{health}");
+    // The manager stores a batch before the agent reads its answer: wait
+    // for the agent to have read it, rather than asking once.
+    manager.wait_for(30, "/health to show the push as ok", |_| {
+        let (_, h) = get_json(&format!("{base}/health"));
+        (h["push_state"] == "ok").then_some(())
+    });
 
     let log = agent.terminate(30);
     assert!(
