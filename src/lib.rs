@@ -59,7 +59,6 @@ pub mod internals {
     pub use crate::deliver::buffer::{Batch, Buffer};
     pub use crate::deliver::push::{Outcome, Sender};
     pub use crate::net::client::Client;
-    pub use crate::net::json::{Scalar, flat_object};
     pub use crate::net::url::{Target, UrlTemplate, VsockUrl};
     pub use crate::output::otlp::partial_success;
     pub use crate::output::prometheus::encode as encode_prometheus;

@@ -92,6 +92,8 @@ pub struct Sender {
     retry_at: Option<Instant>,
     /// Whether the current run of partly refused OTLP batches was logged.
     said_partial: bool,
+    /// An unreadable OTLP answer was logged; said once per run of them.
+    said_unreadable: bool,
     /// Set when a request from the collection thread ran out of the time
     /// it had: the collection thread sends nothing itself until the sender's
     /// thread has had an answer within half of it.
@@ -146,6 +148,7 @@ impl Sender {
             restores,
             retry_at: None,
             said_partial: false,
+            said_unreadable: false,
             too_slow_for: None,
         })
     }
@@ -419,8 +422,12 @@ impl Sender {
     /// run of such answers. The batch is delivered either way: sending it
     /// again would be refused again.
     fn partial_success(&mut self, url: &str) {
-        match output::otlp::partial_success(self.client.body()) {
-            Some(p) => {
+        let answer = output::otlp::partial_success(self.client.body());
+        if answer.is_ok() {
+            self.said_unreadable = false;
+        }
+        match answer {
+            Ok(Some(p)) => {
                 let msg = format!(
                     "{url}: the receiver refused {} data points: {}",
                     p.rejected, p.message
@@ -431,7 +438,14 @@ impl Sender {
                 }
                 self.status.points_refused(p.rejected, msg);
             }
-            None => self.said_partial = false,
+            Ok(None) => self.said_partial = false,
+            // Delivered all the same: the status was 2xx.
+            Err(e) => {
+                if !self.said_unreadable {
+                    log::warn!("{url}: {e}");
+                    self.said_unreadable = true;
+                }
+            }
         }
     }
 

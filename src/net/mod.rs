@@ -5,6 +5,5 @@
 
 pub mod address;
 pub mod client;
-pub mod json;
 pub mod transport;
 pub mod url;

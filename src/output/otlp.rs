@@ -16,7 +16,8 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use crate::net::json::{Scalar, flat_object};
+use serde::Deserialize;
+
 use crate::sample::detail::Detail;
 use crate::sample::{AGENT_VERSION, Sample};
 
@@ -597,27 +598,90 @@ pub struct PartialSuccess {
     pub message: String,
 }
 
-/// Reads `partialSuccess` from a 200's body; `None` when every point was
-/// taken (no field, zero rejected, or no body).
-pub fn partial_success(body: &[u8]) -> Option<PartialSuccess> {
-    let field = |fields: &[(String, Scalar)], name: &str| {
-        fields
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| match v {
-                Scalar::Text(t) | Scalar::Nested(t) => t.clone(),
-                Scalar::Null => String::new(),
-            })
-    };
-    let top = flat_object(body).ok()?;
-    let partial = flat_object(field(&top, "partialSuccess")?.as_bytes()).ok()?;
-    // int64 in the JSON mapping is a decimal string; some receivers write
-    // a number. Either is read as written.
-    let rejected: u64 = field(&partial, "rejectedDataPoints")?.parse().ok()?;
-    (rejected > 0).then(|| PartialSuccess {
-        rejected,
-        message: field(&partial, "errorMessage").unwrap_or_default(),
-    })
+/// The body of an OTLP/HTTP 200 (`ExportMetricsServiceResponse`), of which
+/// only `partialSuccess` is read; every other member is ignored. The
+/// protobuf JSON mapping lets a parser take the proto field names too.
+#[derive(Deserialize)]
+struct ExportAnswer {
+    #[serde(default, rename = "partialSuccess", alias = "partial_success")]
+    partial_success: Option<PartialAnswer>,
+}
+
+#[derive(Deserialize)]
+struct PartialAnswer {
+    #[serde(
+        default,
+        rename = "rejectedDataPoints",
+        alias = "rejected_data_points",
+        deserialize_with = "int64"
+    )]
+    rejected: u64,
+    #[serde(
+        default,
+        rename = "errorMessage",
+        alias = "error_message",
+        deserialize_with = "message"
+    )]
+    message: String,
+}
+
+/// `rejectedDataPoints`: an int64, which the JSON mapping writes as a
+/// decimal string; some receivers write a number. Either is read.
+fn int64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = u64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("partialSuccess.rejectedDataPoints as a count or its decimal string")
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<u64, E> {
+            v.parse()
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Str(v), &self))
+        }
+        fn visit_unit<E>(self) -> Result<u64, E> {
+            Ok(0)
+        }
+    }
+    d.deserialize_any(V)
+}
+
+/// `errorMessage`: a string, `null` for none.
+fn message<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = String;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("partialSuccess.errorMessage as a string")
+        }
+        fn visit_str<E>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_unit<E>(self) -> Result<String, E> {
+            Ok(String::new())
+        }
+    }
+    d.deserialize_any(V)
+}
+
+/// Reads `partialSuccess` from a 200's body: `Ok(None)` when every point
+/// was taken (no body, no field, zero rejected); an error that says what
+/// was wrong, and where, when the body is not such an answer.
+pub fn partial_success(body: &[u8]) -> Result<Option<PartialSuccess>, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let answer: ExportAnswer = serde_json::from_slice(body)
+        .map_err(|e| format!("not an OTLP export answer in JSON: {e}"))?;
+    Ok(answer
+        .partial_success
+        .filter(|p| p.rejected > 0)
+        .map(|p| PartialSuccess {
+            rejected: p.rejected,
+            message: p.message,
+        }))
 }
 
 #[cfg(test)]
@@ -699,21 +763,51 @@ mod tests {
         );
         assert_eq!(
             r,
-            Some(PartialSuccess {
+            Ok(Some(PartialSuccess {
                 rejected: 3,
                 message: "bad".into()
-            })
+            }))
         );
+        let rejected = |b: &[u8]| partial_success(b).map(|p| p.map(|p| p.rejected));
         assert_eq!(
-            partial_success(br#"{"partialSuccess":{"rejectedDataPoints":2}}"#).map(|p| p.rejected),
-            Some(2)
+            rejected(br#"{"partialSuccess":{"rejectedDataPoints":2}}"#),
+            Ok(Some(2))
         );
-        assert_eq!(partial_success(br#"{"partialSuccess":{}}"#), None);
+        // The proto field names, unknown members, and nulls.
         assert_eq!(
-            partial_success(br#"{"partialSuccess":{"rejectedDataPoints":"0"}}"#),
-            None
+            rejected(
+                br#"{"x":[{"y":1}],"partial_success":{"rejected_data_points":"4","error_message":null}}"#
+            ),
+            Ok(Some(4))
         );
-        assert_eq!(partial_success(b"{}"), None);
-        assert_eq!(partial_success(b""), None);
+        assert_eq!(rejected(br#"{"partialSuccess":{}}"#), Ok(None));
+        assert_eq!(rejected(br#"{"partialSuccess":null}"#), Ok(None));
+        assert_eq!(
+            rejected(br#"{"partialSuccess":{"rejectedDataPoints":"0"}}"#),
+            Ok(None)
+        );
+        assert_eq!(rejected(b"{}"), Ok(None));
+        assert_eq!(rejected(b""), Ok(None));
+        assert_eq!(rejected(b" \r\n"), Ok(None));
+    }
+
+    #[test]
+    fn a_malformed_answer_is_an_error_naming_the_field() {
+        for (body, says) in [
+            (
+                &br#"{"partialSuccess":{"rejectedDataPoints":"x"}}"#[..],
+                "rejectedDataPoints",
+            ),
+            (
+                br#"{"partialSuccess":{"rejectedDataPoints":-1}}"#,
+                "rejectedDataPoints",
+            ),
+            (br#"{"partialSuccess":{"errorMessage":7}}"#, "errorMessage"),
+            (br#"{"partialSuccess":{"rejectedDataPoints":"1"}"#, "EOF"),
+            (b"<html>", "not an OTLP export answer"),
+        ] {
+            let e = partial_success(body).unwrap_err();
+            assert!(e.contains(says), "{:?}: {e}", String::from_utf8_lossy(body));
+        }
     }
 }
