@@ -152,12 +152,8 @@ impl<'de> Deserialize<'de> for Members {
 pub fn parse_document(body: &[u8]) -> std::result::Result<Document, String> {
     // JSON is UTF-8 (RFC 8259), and serde_json checks it only in what it
     // keeps: checked here for the whole answer, read past parts included.
-    let text = std::str::from_utf8(body).map_err(|e| {
-        format!(
-            "the {KEY} document is not UTF-8 (byte {})",
-            e.valid_up_to()
-        )
-    })?;
+    let text = std::str::from_utf8(body)
+        .map_err(|e| format!("the {KEY} document is not UTF-8 (byte {})", e.valid_up_to()))?;
     let Members(members) = serde_json::from_str(text)
         .map_err(|e| format!("the {KEY} document is not a JSON object of settings: {e}"))?;
     let mut doc = Document::default();
