@@ -54,6 +54,11 @@ fn the_unit_is_a_notify_service_that_never_gives_up_and_waits_for_no_network() {
     assert_eq!(value("Type"), ["notify"]);
     assert_eq!(value("Restart"), ["always"]);
     assert_eq!(value("StartLimitIntervalSec"), ["0"]);
+    assert_eq!(
+        value("RestartPreventExitStatus"),
+        ["2"],
+        "only a usage error"
+    );
     assert_eq!(value("WatchdogSec"), ["30s"]);
     assert_eq!(
         value("EnvironmentFile"),

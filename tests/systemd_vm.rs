@@ -11,8 +11,9 @@
 //! → restarted and pushing again; `kill -STOP` → the watchdog kills and
 //! restarts it; `systemctl stop` flushes every sample buffered while the
 //! manager refused; the same agent's figures (process count, network,
-//! filesystem) under the unit's sandbox equal those without it; and the
-//! journal shows no permission error.
+//! filesystem) under the unit's sandbox equal those without it; a usage
+//! error fails the unit without a restart loop; and the journal shows no
+//! permission error.
 //!
 //! Without QEMU, the kernel, busybox or the systemd packages this test says
 //! SKIPPED on stderr and passes, unless `CI=true` or
@@ -333,6 +334,15 @@ fn systemd_unit_is_ready_restarts_on_kill_and_watchdog_and_flushes_on_stop() {
         plain["filesystem_total_kb"]
     ));
 
+    // A usage error (a bad flag in GUEST_AGENT_ARGS) fails the unit once.
+    vm.send("bad-args");
+    let (_, bad) = vm.wait_marker("bad-args", deadline);
+    assert_ne!(field(&bad, "rc"), Some("0"), "systemctl start: {bad}");
+    assert_eq!(field(&bad, "active"), Some("failed"), "{bad}");
+    assert_eq!(field(&bad, "result"), Some("exit-code"), "{bad}");
+    assert_eq!(field(&bad, "status"), Some("2"), "{bad}");
+    assert_eq!(field(&bad, "restarts"), Some("0"), "no restart loop: {bad}");
+
     // The journal: READY, the watchdog's kill, the flush, no permission error.
     vm.send("journal");
     vm.wait_marker("journal-end", deadline);
@@ -366,6 +376,11 @@ fn systemd_unit_is_ready_restarts_on_kill_and_watchdog_and_flushes_on_stop() {
     );
     assert_eq!(count("signal 15: stopping; flushing"), 1, "{journal:#?}");
     assert_eq!(count("Started guest-agent.service"), 3, "{journal:#?}");
+    assert_eq!(
+        count("unknown argument \"--no-such-flag\""),
+        1,
+        "the usage error, once: {journal:#?}"
+    );
 
     vm.send("off");
     let status = vm.wait_exit(Instant::now() + Duration::from_secs(120));

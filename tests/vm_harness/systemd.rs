@@ -544,6 +544,17 @@ while read -r cmd; do
         say once-sandboxed rc=$r1 $(tr -d '\n' </run/ga-once-sandboxed.json)
         say once-plain rc=$r2 $(tr -d '\n' </run/ga-once-plain.json)
         ;;
+    bad-args)
+        # A usage error in the environment file: the start fails, and
+        # RestartPreventExitStatus=2 keeps systemd from looping on it (the
+        # drop-in's RestartSec is 1 s; 5 s leave room for several restarts).
+        echo 'GUEST_AGENT_ARGS="--no-such-flag"' >>/etc/default/guest-agent
+        systemctl start guest-agent
+        rc=$?
+        sleep 5
+        say bad-args rc=$rc active=$(show ActiveState) sub=$(show SubState) \
+            result=$(show Result) status=$(show ExecMainStatus) restarts=$(show NRestarts)
+        ;;
     journal)
         say journal-begin
         journalctl -u guest-agent -u guest-agent-once -o short-monotonic --no-pager
