@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use common::{Mode, Receiver, fixture_root, get};
 
 /// The agent with `env` set (and nothing else of the caller's notify or
-/// agent environment), pushing to `url` every 200 ms.
-fn spawn(url: &str, listen: &str, env: &[(&str, String)]) -> Child {
+/// agent environment), pushing to `url` every `interval`.
+fn spawn(url: &str, interval: &str, listen: &str, env: &[(&str, String)]) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_guest-agent"));
     for s in guest_agent::config::settings::SETTINGS {
         cmd.env_remove(s.env());
@@ -24,7 +24,7 @@ fn spawn(url: &str, listen: &str, env: &[(&str, String)]) -> Child {
     }
     cmd.envs(env.iter().map(|(k, v)| (k, v)))
         .args(["--proc-root", &fixture_root(), "--config", "/nonexistent"])
-        .args(["--url", url, "--interval", "200ms", "--listen", listen])
+        .args(["--url", url, "--interval", interval, "--listen", listen])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -80,6 +80,7 @@ fn a_notify_service_hears_ready_status_watchdog_pings_and_stopping() {
     let listen = free_port();
     let mut agent = spawn(
         &rx.url(),
+        "200ms",
         &listen,
         &[
             ("NOTIFY_SOCKET", path.display().to_string()),
@@ -166,6 +167,7 @@ fn an_abstract_socket_is_told_and_a_watchdog_for_another_pid_is_not_pinged() {
     let rx = Receiver::start(Mode::Accept);
     let mut agent = spawn(
         &rx.url(),
+        "200ms",
         "off",
         &[
             ("NOTIFY_SOCKET", format!("@{name}")),
@@ -187,5 +189,36 @@ fn an_abstract_socket_is_told_and_a_watchdog_for_another_pid_is_not_pinged() {
     assert!(
         !got.iter().any(|m| m.contains("WATCHDOG=1")),
         "pinged a watchdog meant for another process: {got:#?}"
+    );
+}
+
+#[test]
+fn with_an_interval_longer_than_half_the_watchdog_the_loop_wakes_up_to_ping() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let rx = Receiver::start(Mode::Accept);
+    let mut agent = spawn(
+        &rx.url(),
+        "2s",
+        "off",
+        &[
+            ("NOTIFY_SOCKET", path.display().to_string()),
+            // A ping every 300 ms, samples every 2 s: about 6 pings per sample.
+            ("WATCHDOG_USEC", "600000".into()),
+        ],
+    );
+    let mut got = Vec::new();
+    read_until(&sock, &mut got, |_| rx.delivered().len() >= 3);
+    let samples = rx.delivered().len();
+    let status = terminate(&mut agent);
+    assert!(status.success(), "{status}");
+    let pings = got.iter().filter(|m| *m == "WATCHDOG=1").count();
+    // Pinging only at collections would give one per sample.
+    assert!(
+        pings >= 2 * samples,
+        "{pings} pings for {samples} samples: the loop did not wake up between collections"
     );
 }

@@ -8,8 +8,9 @@
 //! `/etc/systemd/system/guest-agent.service`, enabled in
 //! `multi-user.target` as `systemctl enable` does, with
 //! `systemd/guest-agent.default` as `/etc/default/guest-agent` (plus the
-//! lines an image build appends) and a drop-in with a shorter watchdog
-//! ([`DROP_IN`]). Two units of the test's own: `ga-net.service` loads the
+//! lines an image build appends), a drop-in with a shorter watchdog
+//! ([`DROP_IN`]) and the drop-in docs/systemd.md gives for a root-only
+//! token file ([`TOKEN_DROP_IN`]). Two units of the test's own: `ga-net.service` loads the
 //! virtio modules and runs `udhcpc` (no network manager), and
 //! `ga-control.service` starts after `multi-user.target` and takes the
 //! test's commands from the serial console, answering with `@@GA ` marker
@@ -66,6 +67,16 @@ pub const WATCHDOG_SEC: u64 = 10;
 /// The drop-in an operator would write to tune the shipped unit: a shorter
 /// watchdog and restart delay for the test.
 pub const DROP_IN: &str = "[Service]\nWatchdogSec=10s\nRestartSec=1s\n";
+
+/// The bearer token, in a root-only file the unprivileged agent cannot open.
+pub const TOKEN: &str = "vm-systemd-token";
+
+/// The drop-in docs/systemd.md#secrets gives for such a token file: systemd
+/// hands it over as a credential only the agent's dynamic user can read.
+pub const TOKEN_DROP_IN: &str = "[Service]
+LoadCredential=token:/etc/guest-agent.token
+Environment=GUEST_AGENT_TOKEN_FILE=%d/token
+";
 
 /// Lines appended to the shipped environment file, as an image build does.
 pub const DEFAULT_ADDITIONS: &str = "
@@ -375,6 +386,16 @@ fn build(assets: &Assets) -> Result<PathBuf, String> {
         "/etc/systemd/system/guest-agent.service.d/test.conf",
         0o644,
         DROP_IN.as_bytes(),
+    );
+    img.file(
+        "/etc/systemd/system/guest-agent.service.d/token.conf",
+        0o644,
+        TOKEN_DROP_IN.as_bytes(),
+    );
+    img.file(
+        "/etc/guest-agent.token",
+        0o600,
+        format!("{TOKEN}\n").as_bytes(),
     );
     img.symlink(
         "/etc/systemd/system/multi-user.target.wants/guest-agent.service",
