@@ -238,7 +238,10 @@ fn status_line(h: &Health, interval: Duration) -> String {
     let target = h.push_target.as_deref().unwrap_or("the manager");
     match h.push_state {
         PushState::Off => format!("collecting every {every}; pushing off"),
-        PushState::Waiting => format!("collecting every {every}; push waiting ({error})"),
+        PushState::Waiting => format!(
+            "collecting every {every}; push waiting: {}",
+            h.last_error.as_deref().unwrap_or("no request yet")
+        ),
         PushState::Ok => format!("collecting every {every}; pushing to {target}: ok"),
         PushState::Failing => {
             format!("collecting every {every}; push failing, samples kept for retry: {error}")
@@ -258,8 +261,14 @@ fn status_line(h: &Health, interval: Duration) -> String {
 /// while this loop waits ahead of its next collection: a collection that
 /// hangs, or keeps overrunning its interval, stops the pings, and the
 /// service manager restarts the agent (docs/systemd.md#the-watchdog).
-fn wait_for_next(stop: &Stop, next: Instant, out: &Out<'_>) -> bool {
+///
+/// Each wake-up also tells the service manager of a push state the
+/// sender's thread changed meanwhile (once READY was said: `shown`).
+fn wait_for_next(stop: &Stop, next: Instant, out: &Out<'_>, shown: &mut Option<PushState>) -> bool {
     loop {
+        if shown.is_some() {
+            out.notify_state(shown, false);
+        }
         let now = Instant::now();
         if now >= next {
             return stop.is_set();
@@ -303,7 +312,7 @@ fn collect_loop(
     let settle = restore::settle(interval);
     let mut shown_state = None;
     loop {
-        if wait_for_next(stop, next, out) {
+        if wait_for_next(stop, next, out, &mut shown_state) {
             return;
         }
         let mut sample = collector.collect();
@@ -337,14 +346,15 @@ fn collect_loop(
             None => (Arc::new(sample), None),
         };
         out.status.collected(sample, detail, errors);
+        // The listener was bound before this thread started: with the
+        // first sample collected the agent is ready, whatever the network
+        // does with it.
+        let first = seq == 1 && shown_state.is_none();
+        out.notify_state(&mut shown_state, first);
         if let (Some(mut direct), Some(batch)) = (direct, batch) {
             let budget = next.saturating_duration_since(Instant::now()) / 2;
             direct.send_directly(batch, budget);
         }
-        // The listener was bound before this thread started: with the
-        // first sample collected the agent is ready.
-        let first = seq == 1 && shown_state.is_none();
-        out.notify_state(&mut shown_state, first);
 
         let now = Instant::now();
         if now > next + interval {

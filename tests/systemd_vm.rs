@@ -216,7 +216,8 @@ fn systemd_unit_is_ready_restarts_on_kill_and_watchdog_and_flushes_on_stop() {
     let stopped_uptime = number(&stopped, "uptime");
     vm_harness::report(format_args!(
         "vm systemd: SIGSTOP of {} at guest uptime {stopped_uptime}s; the new run's first \
-         sample {} later (WatchdogSec {} s, at most; RestartSec 1 s; start; first push)",
+         sample {} later (the watchdog's WatchdogSec {} s at most, RestartSec 1 s, start, \
+         first push)",
         field(&stopped, "pid").unwrap_or("?"),
         secs(watchdog_restart),
         systemd_image::WATCHDOG_SEC
