@@ -12,8 +12,8 @@
 //! restarts it; `systemctl stop` flushes every sample buffered while the
 //! manager refused; the same agent's figures (process count, network,
 //! filesystem) under the unit's sandbox equal those without it; a usage
-//! error fails the unit without a restart loop; and the journal shows no
-//! permission error.
+//! error fails the unit without a restart loop; the pull port 0.0.0.0:9000
+//! answers; and the journal shows no permission error.
 //!
 //! Without QEMU, the kernel, busybox or the systemd packages this test says
 //! SKIPPED on stderr and passes, unless `CI=true` or
@@ -344,6 +344,16 @@ fn systemd_unit_is_ready_restarts_on_kill_and_watchdog_and_flushes_on_stop() {
     assert_eq!(field(&bad, "status"), Some("2"), "{bad}");
     assert_eq!(field(&bad, "restarts"), Some("0"), "no restart loop: {bad}");
 
+    // The pull port on every address (a pulling manager's 0.0.0.0:9000),
+    // unprivileged, from the environment file.
+    vm.send("port9000");
+    let (_, p9000) = vm.wait_marker("port9000", deadline);
+    assert_eq!(field(&p9000, "rc"), Some("0"), "systemctl start: {p9000}");
+    assert_eq!(field(&p9000, "active"), Some("active"), "{p9000}");
+    let (_, h) = vm.wait_marker("port9000-health", deadline);
+    let health = json_after_rc(&h, "wget http://GUEST:9000/health");
+    assert_eq!(health["status"], "ok", "{health}");
+
     // The journal: READY, the watchdog's kill, the flush, no permission error.
     vm.send("journal");
     vm.wait_marker("journal-end", deadline);
@@ -393,11 +403,16 @@ fn systemd_unit_is_ready_restarts_on_kill_and_watchdog_and_flushes_on_stop() {
     ));
     assert_eq!(
         count("notifying the service manager at /run/systemd/notify; watchdog pinged every 5s"),
-        3,
-        "three processes, each notifying: {journal:#?}"
+        4,
+        "four processes, each notifying: {journal:#?}"
     );
-    assert_eq!(count("signal 15: stopping; flushing"), 1, "{journal:#?}");
-    assert_eq!(count("Started guest-agent.service"), 3, "{journal:#?}");
+    assert_eq!(count("signal 15: stopping; flushing"), 2, "{journal:#?}");
+    assert_eq!(count("Started guest-agent.service"), 4, "{journal:#?}");
+    assert_eq!(
+        count("listening on http://0.0.0.0:9000"),
+        1,
+        "the pull port: {journal:#?}"
+    );
     assert_eq!(
         count("unknown argument \"--no-such-flag\""),
         1,
@@ -410,10 +425,11 @@ fn systemd_unit_is_ready_restarts_on_kill_and_watchdog_and_flushes_on_stop() {
     vm_harness::assert_wire_contract(&posts, INGEST_PATH);
     let runs = vm_harness::runs(&vm_harness::samples(&delivered(&posts)));
     assert_eq!(
-        runs.iter().map(|r| &r.0).collect::<Vec<_>>(),
-        vec![&run_a, &run_b, &run_c],
-        "three processes: at boot, after kill -9, after the watchdog"
+        runs.iter().map(|r| &r.0).collect::<Vec<_>>()[..3],
+        [&run_a, &run_b, &run_c],
+        "at boot, after kill -9, after the watchdog (then the pull-port run)"
     );
+    assert_eq!(runs.len(), 4, "{runs:?}");
     for (run, seqs) in &runs {
         vm_harness::assert_no_gaps(run, seqs);
     }

@@ -576,6 +576,20 @@ while read -r cmd; do
         say bad-args rc=$rc active=$(show ActiveState) sub=$(show SubState) \
             result=$(show Result) status=$(show ExecMainStatus) restarts=$(show NRestarts)
         ;;
+    port9000)
+        # The pull port a pulling manager uses (docs/manager.md), on every
+        # address, asked at the guest's own address on eth0.
+        sed -i '/^GUEST_AGENT_ARGS=/d' /etc/default/guest-agent
+        echo 'GUEST_AGENT_LISTEN=0.0.0.0:9000' >>/etc/default/guest-agent
+        systemctl start guest-agent
+        rc=$?
+        ip=$(ip -4 -o addr show eth0 | awk '{print $4}' | cut -d/ -f1)
+        body=$(wget -q -O - "http://$ip:9000/health" 2>&1)
+        wrc=$?
+        say port9000 rc=$rc ip=$ip active=$(show ActiveState)
+        say port9000-health rc=$wrc $body
+        systemctl stop guest-agent
+        ;;
     journal)
         say journal-begin
         journalctl -u guest-agent -u guest-agent-once -o short-monotonic --no-pager
