@@ -354,6 +354,36 @@ fn systemd_unit_is_ready_restarts_on_kill_and_watchdog_and_flushes_on_stop() {
     let health = json_after_rc(&h, "wget http://GUEST:9000/health");
     assert_eq!(health["status"], "ok", "{health}");
 
+    // AF_INET6 and AF_VSOCK under the sandbox: a push to a port where
+    // nothing listens fails as it does without the sandbox.
+    vm.send("families");
+    let (_, sandboxed) = vm.wait_marker("families-sandboxed", deadline);
+    let (_, plain) = vm.wait_marker("families-plain", deadline);
+    let errors = |line: &str| -> Vec<String> {
+        line.split_once(' ')
+            .map_or("", |(_, rest)| rest)
+            .split('|')
+            .filter(|e| !e.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let (in_sandbox, without) = (errors(&sandboxed), errors(&plain));
+    assert_eq!(in_sandbox.len(), 2, "one failure per family: {sandboxed}");
+    assert_eq!(
+        in_sandbox, without,
+        "the sandbox changed a connection's outcome"
+    );
+    for e in &in_sandbox {
+        assert!(
+            !e.contains("not supported") && !e.contains("not permitted"),
+            "{e}"
+        );
+    }
+    vm_harness::report(format_args!(
+        "vm systemd: IPv6 and vsock pushes fail alike with and without the sandbox: {}",
+        in_sandbox.join("; ")
+    ));
+
     // The journal: READY, the watchdog's kill, the flush, no permission error.
     vm.send("journal");
     vm.wait_marker("journal-end", deadline);

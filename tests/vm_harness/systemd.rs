@@ -57,8 +57,9 @@ const PACKAGES: [&str; 23] = [
     "libzstd1",
 ];
 
-/// Kernel modules for the virtio-mmio network device.
-const ROOT_MODULES: [&str; 2] = ["virtio_mmio", "virtio_net"];
+/// Kernel modules for the virtio-mmio network device, and the vsock core
+/// (the address family; no transport, there is no vsock device).
+const ROOT_MODULES: [&str; 3] = ["virtio_mmio", "virtio_net", "vsock"];
 
 /// The watchdog the test runs with, in seconds: shorter than the shipped
 /// 30 s so that a stopped agent is restarted sooner.
@@ -148,6 +149,69 @@ pub fn once_unit(shipped: &str) -> String {
                 out.push('\n');
             }
         }
+    }
+    out
+}
+
+/// The URLs the address-family check pushes to, one per family the unit
+/// allows besides AF_INET: nothing listens at either, so each push fails,
+/// and the failure must be the same with and without the sandbox (never
+/// "Address family not supported" or "Operation not permitted").
+const FAMILY_URLS: [&str; 2] = [
+    "http://[::1]:9/v1/guest-metrics",
+    "vsock://2:1024/v1/guest-metrics",
+];
+
+/// A oneshot that runs the agent pushing to each of [`FAMILY_URLS`] for
+/// 3 s, its log appended to `log`, with `sandbox` (the shipped unit's
+/// service lines, or none) around it.
+pub fn families_unit(sandbox: &str, log: &str) -> String {
+    let mut out = String::from(
+        "[Unit]\nDescription=the agent's address families\n\n[Service]\nType=oneshot\n",
+    );
+    for url in FAMILY_URLS {
+        out.push_str(&format!(
+            "ExecStart=-/usr/bin/timeout 3 /usr/local/bin/guest-agent --url {url} --listen off \
+             --interval 1s --timeout 1s --kmsg off\n"
+        ));
+    }
+    out.push_str(&format!("StandardError=append:{log}\n"));
+    out.push_str(sandbox);
+    out
+}
+
+/// The shipped unit's `[Service]` lines that make its sandbox: everything
+/// but how and when the agent runs.
+pub fn sandbox_lines(shipped: &str) -> String {
+    let mut out = String::new();
+    let mut in_service = false;
+    for line in shipped.lines() {
+        if line.starts_with('[') {
+            in_service = line == "[Service]";
+            continue;
+        }
+        let key = line.split('=').next().unwrap_or("");
+        if !in_service
+            || line.starts_with('#')
+            || line.trim().is_empty()
+            || matches!(
+                key,
+                "Type"
+                    | "NotifyAccess"
+                    | "ExecStart"
+                    | "EnvironmentFile"
+                    | "Restart"
+                    | "RestartSec"
+                    | "RestartPreventExitStatus"
+                    | "WatchdogSec"
+                    | "WatchdogSignal"
+                    | "TimeoutStopSec"
+            )
+        {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
     }
     out
 }
@@ -411,6 +475,17 @@ fn build(assets: &Assets) -> Result<PathBuf, String> {
         0o644,
         PLAIN_ONCE_UNIT.as_bytes(),
     );
+    let sandbox = sandbox_lines(&unit);
+    img.file(
+        "/etc/systemd/system/ga-families-sandboxed.service",
+        0o644,
+        families_unit(&sandbox, "/run/ga-families-sandboxed.log").as_bytes(),
+    );
+    img.file(
+        "/etc/systemd/system/ga-families-plain.service",
+        0o644,
+        families_unit("", "/run/ga-families-plain.log").as_bytes(),
+    );
     let mut default = read(&project.join("systemd/guest-agent.default"))?;
     default.extend_from_slice(DEFAULT_ADDITIONS.as_bytes());
     img.file("/etc/default/guest-agent", 0o644, &default);
@@ -589,6 +664,13 @@ while read -r cmd; do
         say port9000 rc=$rc ip=$ip active=$(show ActiveState)
         say port9000-health rc=$wrc $body
         systemctl stop guest-agent
+        ;;
+    families)
+        for how in sandboxed plain; do
+            systemctl start "ga-families-$how"
+            say "families-$how" rc=$? \
+                "$(sed -n 's/.*push failed: \(.*\); keeping.*/\1/p' "/run/ga-families-$how.log" | tr '\n' '|')"
+        done
         ;;
     journal)
         say journal-begin
