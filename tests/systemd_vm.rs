@@ -13,7 +13,8 @@
 //! manager refused; the same agent's figures (process count, network,
 //! filesystem) under the unit's sandbox equal those without it; a usage
 //! error fails the unit without a restart loop; the pull port 0.0.0.0:9000
-//! answers; and the journal shows no permission error.
+//! answers; IPv6 and vsock connections fail the same way in the sandbox as
+//! outside it; and the journal shows no permission error.
 //!
 //! Without QEMU, the kernel, busybox or the systemd packages this test says
 //! SKIPPED on stderr and passes, unless `CI=true` or

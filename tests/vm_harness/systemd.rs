@@ -16,7 +16,10 @@
 //! test's commands from the serial console, answering with `@@GA ` marker
 //! lines. `guest-agent-once.service` is the shipped unit's sandbox around
 //! `guest-agent --once`, made from the shipped file by [`once_unit`], and
-//! `ga-plain-once.service` the same command without it.
+//! `ga-plain-once.service` the same command without it; likewise
+//! `ga-families-sandboxed.service` and `ga-families-plain.service` push
+//! over IPv6 and vsock with and without the shipped sandbox
+//! ([`families_unit`]).
 
 use std::collections::BTreeSet;
 use std::fs;
