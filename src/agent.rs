@@ -4,7 +4,7 @@
 //! knows the others (docs/design.md#data-flow-and-modules).
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -14,9 +14,10 @@ use crate::deliver::buffer::Buffer;
 use crate::deliver::push::Sender;
 use crate::error::{Error, Result};
 use crate::net::address::source_address;
+use crate::notify::Notifier;
 use crate::sample::{AGENT_VERSION, Sample};
 use crate::serve::listener::{self, Listener, View};
-use crate::status::{Health, Status};
+use crate::status::{BufferFigures, Health, PushState, Status};
 use crate::stop::Stop;
 use crate::vm::guest_ip::{self, Reporter};
 use crate::vm::restore::{self, Restorer};
@@ -35,6 +36,14 @@ pub struct Running {
 /// thread cannot be started, whatever did start is stopped again before the
 /// error is returned.
 pub fn start(config: Config) -> Result<Running> {
+    start_with(config, None)
+}
+
+/// [`start`], telling a service manager (docs/systemd.md) through
+/// `notifier`: ready once the listener is bound and the first sample
+/// collected, the push state as it changes, and the watchdog from the
+/// collection loop.
+fn start_with(config: Config, notifier: Option<Arc<Mutex<Notifier>>>) -> Result<Running> {
     let collector = Collector::new(&config.proc_root, config.vm_id.clone())?;
     let status = Arc::new(Status::new(
         config.interval,
@@ -100,6 +109,8 @@ pub fn start(config: Config) -> Result<Running> {
             // buffer, which would only count drops.
             buffer: sender.is_some().then_some(&*buffer),
             sender: sender.as_deref(),
+            notifier: notifier.as_deref(),
+            interval,
         };
         collect_loop(collector, restorer, &out, &stop, interval)
     })?);
@@ -185,6 +196,94 @@ struct Out<'a> {
     keep_detail: bool,
     buffer: Option<&'a Buffer>,
     sender: Option<&'a Mutex<Sender>>,
+    /// The service manager, told of readiness, the push state and that
+    /// collection keeps its schedule (the watchdog).
+    notifier: Option<&'a Mutex<Notifier>>,
+    interval: Duration,
+}
+
+impl Out<'_> {
+    fn notifier(&self) -> Option<MutexGuard<'_, Notifier>> {
+        // Never poisoned in the release build (panic = abort).
+        self.notifier
+            .map(|n| n.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Tells the service manager the push state if it changed since
+    /// `shown` (the sender's thread changes it too: it is seen here at the
+    /// next wake-up of this loop). With `ready`, says READY=1 with it.
+    fn notify_state(&self, shown: &mut Option<PushState>, ready: bool) {
+        let Some(mut n) = self.notifier() else {
+            return;
+        };
+        let state = self.status.push_state();
+        if !ready && *shown == Some(state) {
+            return;
+        }
+        *shown = Some(state);
+        let line = status_line(&self.status.health(BufferFigures::default()), self.interval);
+        if ready {
+            n.ready(&line);
+        } else {
+            n.status(&line);
+        }
+    }
+}
+
+/// The one line `systemctl status` shows for the agent: its cadence and
+/// where delivery stands.
+fn status_line(h: &Health, interval: Duration) -> String {
+    let every = humantime::format_duration(interval);
+    let error = h.last_error.as_deref().unwrap_or("none");
+    let target = h.push_target.as_deref().unwrap_or("the manager");
+    match h.push_state {
+        PushState::Off => format!("collecting every {every}; pushing off"),
+        PushState::Waiting => format!(
+            "collecting every {every}; push waiting: {}",
+            h.last_error.as_deref().unwrap_or("no request yet")
+        ),
+        PushState::Ok => format!("collecting every {every}; pushing to {target}: ok"),
+        PushState::Failing => {
+            format!("collecting every {every}; push failing, samples kept for retry: {error}")
+        }
+        PushState::Rejecting => {
+            format!("collecting every {every}; the manager refuses the samples: {error}")
+        }
+        PushState::NoIngestRoute => format!(
+            "collecting every {every}; the manager has no ingest route yet (404), samples kept"
+        ),
+    }
+}
+
+/// Sleeps until `next` or the stop (true when stopped), pinging the
+/// service manager's watchdog whenever a ping falls due meanwhile. The
+/// ping is what says "collection keeps its schedule", so it is sent only
+/// while this loop waits ahead of its next collection: a collection that
+/// hangs, or keeps overrunning its interval, stops the pings, and the
+/// service manager restarts the agent (docs/systemd.md#the-watchdog).
+///
+/// Each wake-up also tells the service manager of a push state the
+/// sender's thread changed meanwhile (once READY was said: `shown`).
+fn wait_for_next(stop: &Stop, next: Instant, out: &Out<'_>, shown: &mut Option<PushState>) -> bool {
+    loop {
+        if shown.is_some() {
+            out.notify_state(shown, false);
+        }
+        let now = Instant::now();
+        if now >= next {
+            return stop.is_set();
+        }
+        let wake = match out.notifier() {
+            Some(mut n) => {
+                n.ping_if_due(now);
+                n.ping_due(now).map_or(next, |due| due.min(next))
+            }
+            None => next,
+        };
+        if stop.wait_until(wake) {
+            return true;
+        }
+    }
 }
 
 /// Collects every `interval` from the first tick, on the monotonic clock, so
@@ -211,8 +310,9 @@ fn collect_loop(
     let mut next = Instant::now();
     let mut seq = 0;
     let settle = restore::settle(interval);
+    let mut shown_state = None;
     loop {
-        if stop.wait_until(next) {
+        if wait_for_next(stop, next, out, &mut shown_state) {
             return;
         }
         let mut sample = collector.collect();
@@ -246,6 +346,11 @@ fn collect_loop(
             None => (Arc::new(sample), None),
         };
         out.status.collected(sample, detail, errors);
+        // The listener was bound before this thread started: with the
+        // first sample collected the agent is ready, whatever the network
+        // does with it.
+        let first = seq == 1 && shown_state.is_none();
+        out.notify_state(&mut shown_state, first);
         if let (Some(mut direct), Some(batch)) = (direct, batch) {
             let budget = next.saturating_duration_since(Instant::now()) / 2;
             direct.send_directly(batch, budget);
@@ -273,11 +378,17 @@ pub fn run(config: Config) -> Result<()> {
             source,
         }
     })?;
-    let running = start(config)?;
+    let notifier = Notifier::from_env().map(Mutex::new).map(Arc::new);
+    let running = start_with(config, notifier.clone())?;
     if let Some(sig) = signals.forever().next() {
+        let buffered = running.view.buffer.len();
+        if let Some(n) = &notifier {
+            n.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .stopping(&format!("stopping: flushing {buffered} buffered samples"));
+        }
         log::info!(
-            "signal {sig}: stopping; flushing {} buffered samples (a second signal exits at once)",
-            running.view.buffer.len()
+            "signal {sig}: stopping; flushing {buffered} buffered samples (a second signal exits at once)"
         );
     }
     let handle = signals.handle();

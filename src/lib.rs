@@ -26,6 +26,7 @@
 // Below every stage.
 pub mod error;
 mod logging;
+mod notify;
 pub mod sample;
 mod stop;
 // The stages, each above those before it.

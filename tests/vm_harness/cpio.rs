@@ -26,6 +26,12 @@ impl Cpio {
         self.entry(path, S_IFDIR | 0o755, 2, (0, 0), &[]);
     }
 
+    /// A directory with its own permissions (`0o1777` for `/tmp`).
+    #[allow(dead_code)] // used by the systemd image only
+    pub fn dir_mode(&mut self, path: &str, perm: u32) {
+        self.entry(path, S_IFDIR | perm, 2, (0, 0), &[]);
+    }
+
     pub fn file(&mut self, path: &str, perm: u32, data: &[u8]) {
         self.entry(path, S_IFREG | perm, 1, (0, 0), data);
     }
