@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::collect::Collector;
 use crate::config::Config;
+use crate::config::settings::buffer_bound;
 use crate::deliver::buffer::Buffer;
 use crate::deliver::push::Sender;
 use crate::error::{Error, Result};
@@ -35,7 +36,8 @@ pub struct Running {
 /// thread cannot be started, whatever did start is stopped again before the
 /// error is returned.
 pub fn start(config: Config) -> Result<Running> {
-    let collector = Collector::new(&config.proc_root, config.vm_id.clone())?;
+    let collector =
+        Collector::new(&config.proc_root, config.vm_id.clone())?.with_sys_root(&config.sys_root);
     let status = Arc::new(Status::new(
         config.interval,
         config.url.is_some(),
@@ -211,6 +213,7 @@ fn collect_loop(
     let mut next = Instant::now();
     let mut seq = 0;
     let settle = restore::settle(interval);
+    let mut memory_kb = None;
     loop {
         if stop.wait_until(next) {
             return;
@@ -241,6 +244,18 @@ fn collect_loop(
         } else {
             sample.detail.take()
         };
+        // The byte bound follows the memory the guest can use now (a
+        // balloon, hot-plug: docs/design.md#delivery).
+        if let (Some(buffer), Some(kb)) = (out.buffer, sample.memory_total_kb)
+            && memory_kb != Some(kb)
+        {
+            memory_kb = Some(kb);
+            let bound = buffer_bound(kb);
+            if bound != buffer.max_bytes() {
+                log::debug!("buffer bound {bound} bytes for {kb} KiB of usable memory");
+                buffer.set_max_bytes(bound);
+            }
+        }
         let (sample, batch) = match out.buffer {
             Some(buffer) => buffer.push_claiming(sample, direct.is_some()),
             None => (Arc::new(sample), None),
