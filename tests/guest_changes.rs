@@ -4,6 +4,8 @@
 //! come back (docs/design.md#memory-under-a-balloon,
 //! docs/design.md#totals-over-devices-that-come-and-go).
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -392,4 +394,44 @@ fn the_exposition_formats_carry_the_same_figures() {
         line.contains(&format!("memory_balloon_kb={BALLOON_KB}i")),
         "{line}"
     );
+}
+
+/// The buffer's byte bound: 2 % of the usable memory (at most 16 MiB).
+fn bound(kb: u64) -> usize {
+    (kb * 1024 / 50).min(16 << 20) as usize
+}
+
+#[test]
+fn the_buffer_bound_follows_the_usable_memory() {
+    let root = Root::new("bound");
+    root.balloon("before");
+    let rx = common::Receiver::start(common::Mode::Accept);
+    let proc = root.proc().display().to_string();
+    let sys = Path::new(FIXTURES).join("balloon/sys-deflate-on-oom");
+    let config = common::config(&[
+        ("proc_root", &proc),
+        ("sys_root", &sys.display().to_string()),
+        ("url", &rx.url()),
+        ("interval", "100ms"),
+        ("kmsg", "off"),
+    ]);
+    assert_eq!(
+        config.buffer_max_bytes,
+        bound(481_436),
+        "from MemTotal at start"
+    );
+    let agent = guest_agent::agent::start(config).unwrap();
+    let follows = |kb: u64, what: &str| {
+        common::wait_until(30, what, || agent.health().buffer_max_bytes == bound(kb));
+    };
+    follows(481_436, "the bound at start");
+    // 128 MiB inflated with deflate-on-OOM: MemTotal stays, usable drops.
+    root.balloon("vmstat-only-deflate");
+    follows(481_436 - 131_072, "the bound under the balloon");
+    // Deflated, then 256 MiB hot-plugged.
+    root.balloon("before");
+    root.put("meminfo", "hotplug/meminfo.2");
+    follows(481_436 + 262_144, "the bound after hot-plug");
+    let health = agent.stop();
+    assert_eq!(health.dropped, 0);
 }
