@@ -170,20 +170,36 @@ impl BalloonReader {
         }
     }
 
-    /// The directory of the first virtio device whose id is a balloon's.
+    /// The directory of the first virtio device whose id is a balloon's,
+    /// in name order. (Listed with `getdents64`, as the process count is:
+    /// std's `read_dir` would add its own code to the binary for this one
+    /// rare call.)
     fn find_device(&self) -> Option<PathBuf> {
+        use rustix::fs::{Mode, OFlags, RawDir};
         let dir = self.sys_root.join(VIRTIO_DEVICES);
-        let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .ok()?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                std::fs::read(p.join("device"))
-                    .is_ok_and(|id| id.trim_ascii() == BALLOON_DEVICE_ID.as_bytes())
-            })
-            .collect();
-        // A guest has one balloon; were there two, the choice stays stable.
-        found.sort();
-        found.into_iter().next()
+        let fd = rustix::fs::open(
+            &dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
+        let mut buf = Vec::with_capacity(4096);
+        let mut entries = RawDir::new(&fd, buf.spare_capacity_mut());
+        let mut found: Option<PathBuf> = None;
+        while let Some(Ok(entry)) = entries.next() {
+            let Ok(name) = entry.file_name().to_str() else {
+                continue;
+            };
+            let path = dir.join(name);
+            let is_balloon = name.starts_with("virtio")
+                && std::fs::read(path.join("device"))
+                    .is_ok_and(|id| id.trim_ascii() == BALLOON_DEVICE_ID.as_bytes());
+            // A guest has one balloon; were there two, the choice stays stable.
+            if is_balloon && found.as_ref().is_none_or(|f| path < *f) {
+                found = Some(path);
+            }
+        }
+        found
     }
 }
 

@@ -81,48 +81,55 @@ impl DeviceTotals {
     /// when its counters began, and returns the run's two totals. Nothing
     /// is allocated unless a device is new.
     pub fn update<D: Counted>(&mut self, devices: &mut [D], now_ms: u64) -> [u64; 2] {
-        for t in &mut self.devices {
-            t.seen = false;
-        }
+        // The generic part stays this loop: the rest is one copy for both
+        // device kinds.
+        self.begin();
         let mut now = [0u64; 2];
         for d in devices.iter_mut() {
             let counters = d.counters();
             let counted = d.counted();
-            let since = match self
-                .devices
-                .iter_mut()
-                .find(|t| !t.seen && t.name == d.name())
-            {
-                Some(t) => {
-                    if counters[0] < t.last[0] || counters[1] < t.last[1] {
-                        // A new device under the old name: the old one's
-                        // counts stay in the total.
-                        if t.counted {
-                            add(&mut self.gone, t.last);
-                        }
-                        t.since_ms = self.last_ms;
-                    }
-                    t.last = counters;
-                    t.counted = counted;
-                    t.seen = true;
-                    t.since_ms
-                }
-                None => {
-                    self.devices.push(Tracked {
-                        name: d.name().to_string(),
-                        last: counters,
-                        since_ms: self.last_ms,
-                        counted,
-                        seen: true,
-                    });
-                    self.last_ms
-                }
-            };
-            d.set_since(since);
+            d.set_since(self.track(d.name(), counters, counted));
             if counted {
                 add(&mut now, counters);
             }
         }
+        self.finish(now, now_ms)
+    }
+
+    fn begin(&mut self) {
+        for t in &mut self.devices {
+            t.seen = false;
+        }
+    }
+
+    /// One device of the reading: returns when its counters began.
+    fn track(&mut self, name: &str, counters: [u64; 2], counted: bool) -> Option<u64> {
+        let Some(t) = self.devices.iter_mut().find(|t| !t.seen && t.name == name) else {
+            self.devices.push(Tracked {
+                name: name.to_string(),
+                last: counters,
+                since_ms: self.last_ms,
+                counted,
+                seen: true,
+            });
+            return self.last_ms;
+        };
+        if counters[0] < t.last[0] || counters[1] < t.last[1] {
+            // A new device under the old name: the old one's counts stay
+            // in the total.
+            if t.counted {
+                add(&mut self.gone, t.last);
+            }
+            t.since_ms = self.last_ms;
+        }
+        t.last = counters;
+        t.counted = counted;
+        t.seen = true;
+        t.since_ms
+    }
+
+    /// The devices not seen this time keep their counts in the total.
+    fn finish(&mut self, mut now: [u64; 2], now_ms: u64) -> [u64; 2] {
         for t in self.devices.iter().filter(|t| !t.seen && t.counted) {
             add(&mut self.gone, t.last);
         }
