@@ -83,16 +83,6 @@ pub fn deflate_on_oom(features: &[u8]) -> std::result::Result<bool, ProcError> {
     Ok(bits.get(DEFLATE_ON_OOM_BIT) == Some(&b'1'))
 }
 
-/// The balloon as one sample sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BalloonReading {
-    /// The balloon's size, KiB; `None` where the kernel shows none.
-    pub kb: Option<u64>,
-    /// Whether MemTotal still counts the balloon (deflate-on-OOM), so the
-    /// guest's usable memory is MemTotal less it.
-    pub in_mem_total: bool,
-}
-
 /// Reads the balloon each sample: `vmstat` (unless `meminfo` had it) and,
 /// while the balloon holds memory, its device's features, both kept open.
 #[derive(Debug)]
