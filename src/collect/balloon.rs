@@ -139,10 +139,9 @@ impl BalloonReader {
                 self.searched_at_kb = Some(kb);
             }
         }
-        let dir = self.sys_root.join(VIRTIO_DEVICES);
         let Some(features) = self.features.as_mut() else {
             return Err(Error::Parse {
-                path: dir,
+                path: self.sys_root.join(VIRTIO_DEVICES),
                 reason: format!(
                     "a balloon of {kb} KiB but no virtio balloon device (id {BALLOON_DEVICE_ID}) \
                      here: memory_total_kb is MemTotal as the kernel counts it"
