@@ -641,6 +641,34 @@ fn per_source(n: usize) -> Res<(Vec<SourceRow>, Totals)> {
 
 // ---------------------------------------------------------------- whole sample
 
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+
+/// A copy of the microvm fixture proc root with the balloon fixture `case`'s
+/// `meminfo` and `vmstat`, in a temporary directory.
+fn fixture_guest(case: &str) -> Res<PathBuf> {
+    fn copy(from: &Path, to: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(to)?;
+        for e in std::fs::read_dir(from)? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                copy(&e.path(), &to.join(e.file_name()))?;
+            } else {
+                std::fs::copy(e.path(), to.join(e.file_name()))?;
+            }
+        }
+        Ok(())
+    }
+    let root = std::env::temp_dir().join(format!("ga-bench-{case}-{}", std::process::id()));
+    copy(&Path::new(FIXTURES).join("vm"), &root)?;
+    for f in ["meminfo", "vmstat"] {
+        std::fs::copy(
+            Path::new(FIXTURES).join("balloon").join(case).join(f),
+            root.join(f),
+        )?;
+    }
+    Ok(root)
+}
+
 struct SampleFigures {
     collect: Timed,
     collect_encode: Timed,
@@ -781,6 +809,30 @@ fn whole_sample(n: usize) -> Res<SampleFigures> {
         let _ = black_box(meminfo::parse(&texts[1]));
     });
     allocs.push(("of which `meminfo` alone", a, b));
+    // The balloon's reads (docs/design.md#memory-under-a-balloon) on the
+    // microvm fixture: empty, then 128 MiB inflated with deflate-on-OOM,
+    // where vmstat and the device's features are read every time.
+    for (what, case, sys) in [
+        (
+            "collect, fixture microvm, balloon empty",
+            "before",
+            "/nonexistent",
+        ),
+        (
+            "collect, fixture microvm, 128 MiB ballooned (deflate-on-OOM)",
+            "vmstat-only-deflate",
+            "sys-deflate-on-oom",
+        ),
+    ] {
+        let root = fixture_guest(case)?;
+        let sys = Path::new(FIXTURES).join("balloon").join(sys);
+        let mut g = Collector::new(&root, None)?.with_sys_root(&sys);
+        let (a, b) = allocs_per(an, || {
+            black_box(g.collect());
+        });
+        allocs.push((what, a, b));
+        let _ = std::fs::remove_dir_all(&root);
+    }
     let (a, b) = allocs_per(an, || {
         encode(&fixed, Format::Json, &mut body);
     });
