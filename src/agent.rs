@@ -246,7 +246,9 @@ fn collect_loop(
         };
         // The byte bound follows the memory the guest can use now (a
         // balloon, hot-plug: docs/design.md#delivery).
+        // A total of 0 is no figure to size a buffer by.
         if let (Some(buffer), Some(kb)) = (out.buffer, sample.memory_total_kb)
+            && kb > 0
             && memory_kb != Some(kb)
         {
             memory_kb = Some(kb);
