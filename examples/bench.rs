@@ -34,8 +34,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use guest_agent::collect::{
-    ProcFile, diskstats, filesystem, identity, loadavg, meminfo, net_dev, pressure, processes,
-    stat, uptime,
+    ProcFile, balloon, diskstats, filesystem, identity, loadavg, meminfo, net_dev, pressure,
+    processes, stat, uptime,
 };
 use guest_agent::config::{self, Format};
 use guest_agent::internals::{Buffer, Outcome, Sender, Status, Target};
@@ -138,7 +138,7 @@ const USAGE: &str = "usage: bench [--quick] [--samples N] [--scrapes N] [--long 
                 profiler (perf record, valgrind --tool=callgrind): collect, encode, push,
                 floor; `deployed` for the as-deployed table alone, `fair` for the
                 alternating runs alone, `formats` for the encode cost per wire format,
-                `allocs` for the
+                `sources` for the CPU per /proc and /sys source, `allocs` for the
                 allocations per sample, `ingest` for the ingest kit's memory under
                 hostile bodies (docs/manager.md#what-the-kit-keeps-in-memory)";
 
@@ -529,7 +529,17 @@ fn file_source<T>(
     rel: &str,
     parse: fn(&[u8]) -> Result<T, procfs::ProcError>,
 ) -> Res<SourceRow> {
-    let root = Path::new("/proc");
+    file_source_in(n, Path::new("/proc"), name, rel, parse)
+}
+
+/// [`file_source`] under another root (`/sys`).
+fn file_source_in<T>(
+    n: usize,
+    root: &Path,
+    name: &'static str,
+    rel: &str,
+    parse: fn(&[u8]) -> Result<T, procfs::ProcError>,
+) -> Res<SourceRow> {
     let mut f = ProcFile::new(root, rel);
     let bytes = f.read().map_err(|e| format!("{name}: {e}"))?.len();
     f.parse(parse).map_err(|e| format!("{name}: {e}"))?;
@@ -562,7 +572,29 @@ fn per_source(n: usize) -> Res<(Vec<SourceRow>, Totals)> {
         file_source(n, "pressure/memory", "pressure/memory", pressure::parse)?,
         file_source(n, "pressure/io", "pressure/io", pressure::parse)?,
         file_source(n, "hostname", "sys/kernel/hostname", identity::parse_line)?,
+        // The balloon (docs/design.md#memory-under-a-balloon): vmstat's
+        // three lines picked out, against procfs's whole map of it; read
+        // only where meminfo has no `Balloon:` line.
+        file_source(n, "vmstat (balloon lines)", "vmstat", balloon::vmstat_pages)?,
+        file_source(n, "vmstat (procfs VmStat, not used)", "vmstat", |t| {
+            <procfs::VmStat as procfs::FromBufRead>::from_buf_read(t).map(|v| v.0.len())
+        })?,
     ];
+    // The balloon device's features, read while the balloon holds memory.
+    if let Some(dev) = std::fs::read_dir("/sys/bus/virtio/devices")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| std::fs::read(p.join("device")).is_ok_and(|d| d.trim_ascii() == b"0x0005"))
+    {
+        rows.push(file_source_in(
+            n,
+            &dev,
+            "balloon device features (/sys)",
+            "features",
+            balloon::deflate_on_oom,
+        )?);
+    }
     let proc = Path::new("/proc");
     let mut counter = processes::ProcessCounter::new(proc);
     counter.count()?;
@@ -608,6 +640,34 @@ fn per_source(n: usize) -> Res<(Vec<SourceRow>, Totals)> {
 }
 
 // ---------------------------------------------------------------- whole sample
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+
+/// A copy of the microvm fixture proc root with the balloon fixture `case`'s
+/// `meminfo` and `vmstat`, in a temporary directory.
+fn fixture_guest(case: &str) -> Res<PathBuf> {
+    fn copy(from: &Path, to: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(to)?;
+        for e in std::fs::read_dir(from)? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                copy(&e.path(), &to.join(e.file_name()))?;
+            } else {
+                std::fs::copy(e.path(), to.join(e.file_name()))?;
+            }
+        }
+        Ok(())
+    }
+    let root = std::env::temp_dir().join(format!("ga-bench-{case}-{}", std::process::id()));
+    copy(&Path::new(FIXTURES).join("vm"), &root)?;
+    for f in ["meminfo", "vmstat"] {
+        std::fs::copy(
+            Path::new(FIXTURES).join("balloon").join(case).join(f),
+            root.join(f),
+        )?;
+    }
+    Ok(root)
+}
 
 struct SampleFigures {
     collect: Timed,
@@ -749,6 +809,30 @@ fn whole_sample(n: usize) -> Res<SampleFigures> {
         let _ = black_box(meminfo::parse(&texts[1]));
     });
     allocs.push(("of which `meminfo` alone", a, b));
+    // The balloon's reads (docs/design.md#memory-under-a-balloon) on the
+    // microvm fixture: empty, then 128 MiB inflated with deflate-on-OOM,
+    // where vmstat and the device's features are read every time.
+    for (what, case, sys) in [
+        (
+            "collect, fixture microvm, balloon empty",
+            "before",
+            "/nonexistent",
+        ),
+        (
+            "collect, fixture microvm, 128 MiB ballooned (deflate-on-OOM)",
+            "vmstat-only-deflate",
+            "sys-deflate-on-oom",
+        ),
+    ] {
+        let root = fixture_guest(case)?;
+        let sys = Path::new(FIXTURES).join("balloon").join(sys);
+        let mut g = Collector::new(&root, None)?.with_sys_root(&sys);
+        let (a, b) = allocs_per(an, || {
+            black_box(g.collect());
+        });
+        allocs.push((what, a, b));
+        let _ = std::fs::remove_dir_all(&root);
+    }
     let (a, b) = allocs_per(an, || {
         encode(&fixed, Format::Json, &mut body);
     });
@@ -1535,6 +1619,25 @@ fn only(o: &Opts, what: &str, n: usize, tmp: &Path) -> Res<()> {
         println!("\n{md}");
         return Ok(());
     }
+    if what == "sources" {
+        let (rows, totals) = per_source(n)?;
+        println!(
+            "| source | bytes | read only, median µs | read + parse, median µs |\n|---|---:|---:|---:|"
+        );
+        for r in &rows {
+            println!(
+                "| {} | {} | {} | {} |",
+                r.name,
+                r.bytes.map_or("—".into(), |b| b.to_string()),
+                r.read.as_ref().map_or("—".into(), |t| us(t.cpu.median)),
+                us(r.parsed.cpu.median)
+            );
+        }
+        for (name, t) in &totals {
+            println!("| {name} | | {} | |", us(t.cpu.median));
+        }
+        return Ok(());
+    }
     if what == "allocs" {
         let whole = whole_sample(n)?;
         println!("| loop | allocations | bytes asked |\n|---|---:|---:|");
@@ -1573,7 +1676,7 @@ fn only(o: &Opts, what: &str, n: usize, tmp: &Path) -> Res<()> {
         }
         other => {
             return Err(format!(
-                "--only {other:?}: expected collect, encode, push, floor, deployed, fair, formats, allocs or ingest"
+                "--only {other:?}: expected collect, encode, push, floor, deployed, fair, formats, sources, allocs or ingest"
             )
             .into());
         }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::collect::Collector;
 use crate::config::Config;
+use crate::config::settings::buffer_bound;
 use crate::deliver::buffer::Buffer;
 use crate::deliver::push::Sender;
 use crate::error::{Error, Result};
@@ -44,7 +45,8 @@ pub fn start(config: Config) -> Result<Running> {
 /// collected, the push state as it changes, and the watchdog from the
 /// collection loop.
 fn start_with(config: Config, notifier: Option<Arc<Mutex<Notifier>>>) -> Result<Running> {
-    let collector = Collector::new(&config.proc_root, config.vm_id.clone())?;
+    let collector =
+        Collector::new(&config.proc_root, config.vm_id.clone())?.with_sys_root(&config.sys_root);
     let status = Arc::new(Status::new(
         config.interval,
         config.url.is_some(),
@@ -311,6 +313,7 @@ fn collect_loop(
     let mut seq = 0;
     let settle = restore::settle(interval);
     let mut shown_state = None;
+    let mut memory_kb = None;
     loop {
         if wait_for_next(stop, next, out, &mut shown_state) {
             return;
@@ -341,6 +344,20 @@ fn collect_loop(
         } else {
             sample.detail.take()
         };
+        // The byte bound follows the memory the guest can use now (a
+        // balloon, hot-plug: docs/design.md#delivery).
+        // A total of 0 is no figure to size a buffer by.
+        if let (Some(buffer), Some(kb)) = (out.buffer, sample.memory_total_kb)
+            && kb > 0
+            && memory_kb != Some(kb)
+        {
+            memory_kb = Some(kb);
+            let bound = buffer_bound(kb);
+            if bound != buffer.max_bytes() {
+                log::debug!("buffer bound {bound} bytes for {kb} KiB of usable memory");
+                buffer.set_max_bytes(bound);
+            }
+        }
         let (sample, batch) = match out.buffer {
             Some(buffer) => buffer.push_claiming(sample, direct.is_some()),
             None => (Arc::new(sample), None),

@@ -106,7 +106,8 @@ fn print_out(text: &str) -> i32 {
 /// guest address is asked of the routing table only for an address-literal
 /// URL (a connected UDP socket sends nothing; a name would need DNS).
 pub fn once(config: &Config) -> Result<Sample> {
-    let mut collector = Collector::new(&config.proc_root, config.vm_id.clone())?;
+    let mut collector =
+        Collector::new(&config.proc_root, config.vm_id.clone())?.with_sys_root(&config.sys_root);
     collector.collect();
     std::thread::sleep(ONCE_WINDOW);
     let mut sample = collector.collect();

@@ -12,13 +12,55 @@ fn once() -> serde_json::Value {
 }
 
 fn meminfo_kb(key: &str) -> u64 {
+    try_meminfo_kb(key).unwrap()
+}
+
+fn try_meminfo_kb(key: &str) -> Option<u64> {
     std::fs::read_to_string("/proc/meminfo")
         .unwrap()
         .lines()
         .find(|l| l.starts_with(&format!("{key}:")))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
-        .unwrap()
+}
+
+/// The machine's virtio balloon in KiB, read here independently of the
+/// agent: `Balloon:`, else vmstat's inflate − deflate pages.
+fn balloon_kb() -> Option<u64> {
+    try_meminfo_kb("Balloon").or_else(|| {
+        let vmstat = std::fs::read_to_string("/proc/vmstat").ok()?;
+        let get = |k: &str| -> Option<u64> {
+            vmstat
+                .lines()
+                .find_map(|l| l.strip_prefix(k)?.trim().parse().ok())
+        };
+        let page_kb = rustix::param::page_size() as u64 / 1024;
+        Some(get("balloon_inflate ")?.saturating_sub(get("balloon_deflate ")?) * page_kb)
+    })
+}
+
+/// MemTotal, less the balloon when its device negotiated deflate-on-OOM
+/// (feature bit 2): what the agent reports as the guest's usable memory
+/// (docs/design.md#memory-under-a-balloon).
+fn usable_total_kb() -> u64 {
+    let total = meminfo_kb("MemTotal");
+    let balloon = balloon_kb().unwrap_or(0);
+    let deflate_on_oom = std::fs::read_dir("/sys/bus/virtio/devices")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("device")).is_ok_and(|d| d.trim() == "0x0005")
+        })
+        .any(|e| {
+            std::fs::read_to_string(e.path().join("features"))
+                .is_ok_and(|f| f.as_bytes().get(2) == Some(&b'1'))
+        });
+    if balloon > 0 && deflate_on_oom {
+        total - balloon
+    } else {
+        total
+    }
 }
 
 #[test]
@@ -26,7 +68,7 @@ fn memory_matches_proc_meminfo_within_one_percent() {
     // Other processes may allocate and free between the two readings of
     // /proc around the agent's; a reading that does not fall between them
     // is taken again (a few times) rather than failing a busy machine.
-    let total = meminfo_kb("MemTotal");
+    let total = usable_total_kb();
     let tolerance = total / 100;
     let mut seen = Vec::new();
     for _ in 0..5 {
@@ -34,6 +76,7 @@ fn memory_matches_proc_meminfo_within_one_percent() {
         let s = once();
         let after = meminfo_kb("MemAvailable");
         assert_eq!(s["memory_total_kb"], total);
+        assert_eq!(s["memory_balloon_kb"].as_u64(), balloon_kb());
         let avail = s["memory_available_kb"].as_u64().unwrap();
         assert_eq!(s["memory_used_kb"], total - avail);
         let pct = s["memory_usage_percent"].as_f64().unwrap();

@@ -4,7 +4,8 @@
 #![no_main]
 
 use guest_agent::collect::{
-    cpu, diskstats, filesystem, identity, loadavg, meminfo, net_dev, pressure, route, stat, uptime,
+    balloon, cpu, diskstats, filesystem, identity, loadavg, meminfo, net_dev, pressure, route,
+    stat, uptime,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -45,7 +46,19 @@ fuzz_target!(|data: &[u8]| {
                 assert!(m.used_kb() <= m.total_kb);
                 let pct = m.usage_percent();
                 assert!(pct.is_finite() && (0.0..=100.0).contains(&pct), "{pct}");
+                // Whatever the balloon says, in either mode.
+                for in_total in [false, true] {
+                    let f = m.figures(m.balloon_kb, in_total);
+                    assert!(f.used_kb + f.available_kb == f.total_kb && f.total_kb <= m.total_kb);
+                    let pct = f.usage_percent;
+                    assert!(pct.is_finite() && (0.0..=100.0).contains(&pct), "{f:?}");
+                }
             }
+            // vmstat's balloon lines and a device's feature bits, from
+            // the same bytes (the first byte's value is kept for the
+            // committed seeds).
+            let _ = balloon::vmstat_pages(text);
+            let _ = balloon::deflate_on_oom(text);
         }
         3 => {
             if let Ok(l) = loadavg::parse(text) {

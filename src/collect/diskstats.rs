@@ -48,6 +48,7 @@ pub fn parse(text: &[u8]) -> Result<DiskReading, ProcError> {
                 write_ms: d.time_writing,
                 in_progress: d.in_progress,
                 io_ms: d.time_in_progress,
+                since_ms: None,
             }
         })
         .collect();

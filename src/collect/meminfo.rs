@@ -16,24 +16,79 @@ pub struct MemReading {
     pub swap_total_kb: u64,
     /// SwapTotal − SwapFree.
     pub swap_used_kb: u64,
+    /// `Balloon:` (Linux 6.15+), the virtio balloon's size.
+    pub balloon_kb: Option<u64>,
     /// The same and more, in bytes, as the exposition formats carry it.
     pub bytes: Memory,
+}
+
+/// The memory figures of a sample, the balloon taken out
+/// (docs/design.md#memory-under-a-balloon), in KiB.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemFigures {
+    /// What the guest can use now: MemTotal, less the balloon when MemTotal
+    /// still counts it.
+    pub total_kb: u64,
+    /// MemAvailable, at most the total.
+    pub available_kb: u64,
+    /// total − available: the guest's own use.
+    pub used_kb: u64,
+    /// used / total × 100; 0 when the total is 0.
+    pub usage_percent: f64,
 }
 
 impl MemReading {
     /// total − available, as `free` computes "used".
     pub fn used_kb(&self) -> u64 {
-        self.total_kb.saturating_sub(self.available_kb)
+        self.figures(None, false).used_kb
     }
 
     /// used / total × 100; 0 when total is 0.
     pub fn usage_percent(&self) -> f64 {
-        if self.total_kb == 0 {
+        self.figures(None, false).usage_percent
+    }
+
+    /// The figures with a balloon of `balloon_kb` taken out: subtracted
+    /// from MemTotal when `in_mem_total` (deflate-on-OOM: the kernel kept
+    /// its pages in MemTotal, and they are not available), and already out
+    /// of MemTotal otherwise. Either way the balloon is in neither the
+    /// total nor the used figure.
+    pub fn figures(&self, balloon_kb: Option<u64>, in_mem_total: bool) -> MemFigures {
+        let total_kb = match balloon_kb {
+            Some(b) if in_mem_total => self.total_kb.saturating_sub(b),
+            _ => self.total_kb,
+        };
+        let available_kb = self.available_kb.min(total_kb);
+        let used_kb = total_kb - available_kb;
+        let usage_percent = if total_kb == 0 {
             0.0
         } else {
-            self.used_kb() as f64 * 100.0 / self.total_kb as f64
+            used_kb as f64 * 100.0 / total_kb as f64
+        };
+        MemFigures {
+            total_kb,
+            available_kb,
+            used_kb,
+            usage_percent,
         }
     }
+}
+
+/// The value of `Balloon:`, KiB, which procfs's `Meminfo` leaves out. Read
+/// after procfs took the file, so the line's number and unit are valid.
+fn balloon_line(text: &[u8]) -> Option<u64> {
+    let line = text
+        .split(|&b| b == b'\n')
+        .find_map(|l| l.strip_prefix(b"Balloon:"))?;
+    let mut fields = std::str::from_utf8(line).ok()?.split_whitespace();
+    let n: u64 = fields.next()?.parse().ok()?;
+    // The kernel prints kB; the other units are read as procfs reads them.
+    Some(match fields.next() {
+        None | Some("B") => n / 1024,
+        Some("MiB" | "miB" | "MB" | "mB") => n.saturating_mul(1024),
+        Some("GiB" | "giB" | "GB" | "gB") => n.saturating_mul(1024 * 1024),
+        Some(_) => n,
+    })
 }
 
 /// Parses the text of `meminfo`.
@@ -52,6 +107,7 @@ pub fn parse(text: &[u8]) -> Result<MemReading, ProcError> {
         available_kb: available / 1024,
         swap_total_kb: m.swap_total / 1024,
         swap_used_kb: m.swap_total.saturating_sub(m.swap_free) / 1024,
+        balloon_kb: balloon_line(text),
         bytes: Memory {
             total: m.mem_total,
             free: m.mem_free,
@@ -61,6 +117,8 @@ pub fn parse(text: &[u8]) -> Result<MemReading, ProcError> {
             slab_reclaimable: m.s_reclaimable,
             swap_total: m.swap_total,
             swap_free: m.swap_free,
+            balloon: None,
+            usable: m.mem_total,
         },
     })
 }
@@ -186,6 +244,41 @@ mod tests {
         let text = meminfo(FIGURES, &[]).replace("MemAvailable:", "MemAvailable(ò");
         let e = parse(text.as_bytes()).unwrap_err().to_string();
         assert!(e.contains("is not KEY: VALUE"), "{e}");
+    }
+
+    #[test]
+    fn the_balloon_is_in_neither_the_total_nor_the_used_figure() {
+        // The QEMU run's 6.1 guest, 128 MiB inflated (docs/design.md#memory-under-a-balloon).
+        let on =
+            parse(meminfo(&[("MemTotal", 481_436), ("MemAvailable", 322_564)], &[]).as_bytes())
+                .unwrap();
+        let f = on.figures(Some(131_072), true);
+        assert_eq!(
+            (f.total_kb, f.available_kb, f.used_kb),
+            (350_364, 322_564, 27_800)
+        );
+        assert_eq!(f.usage_percent, 27_800.0 * 100.0 / 350_364.0);
+        // Uncorrected, the host's reclaim reads as the guest's use.
+        assert_eq!(on.used_kb(), 481_436 - 322_564);
+        let off =
+            parse(meminfo(&[("MemTotal", 350_364), ("MemAvailable", 322_424)], &[]).as_bytes())
+                .unwrap();
+        let f = off.figures(Some(131_072), false);
+        assert_eq!((f.total_kb, f.used_kb), (350_364, 27_940));
+        // Unknown or empty balloon: MemTotal as it is.
+        assert_eq!(off.figures(None, true).total_kb, 350_364);
+        // A balloon larger than MemTotal (a bad figure) cannot go negative.
+        let f = off.figures(Some(u64::MAX), true);
+        assert_eq!((f.total_kb, f.used_kb, f.usage_percent), (0, 0, 0.0));
+    }
+
+    #[test]
+    fn the_balloon_line_is_read_where_the_kernel_prints_it() {
+        // The capture has the line (Linux 6.18, a balloon at 0).
+        let read = |text: String| parse(text.as_bytes()).unwrap().balloon_kb;
+        assert_eq!(read(meminfo(FIGURES, &[])), Some(0));
+        assert_eq!(read(meminfo(&[("Balloon", 131_072)], &[])), Some(131_072));
+        assert_eq!(read(meminfo(FIGURES, &["Balloon"])), None);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! source that fails is logged once (and again when it recovers), its figures
 //! are null in that sample, and the others still go out.
 
+pub mod balloon;
 pub mod cpu;
 pub mod diskstats;
 pub mod filesystem;
@@ -19,6 +20,7 @@ pub mod proc_file;
 pub mod processes;
 pub mod route;
 pub mod stat;
+pub mod totals;
 pub mod uptime;
 
 use std::collections::BTreeMap;
@@ -27,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
-use crate::sample::detail::{CpuTimes, Detail, Filesystem, Uname};
+use crate::sample::detail::{CpuTimes, Detail, Filesystem, Memory, Uname};
 use crate::sample::{AGENT_VERSION, SCHEMA, Sample};
 use cpu::{CpuPercent, CpuSnapshot};
 pub use proc_file::ProcFile;
@@ -44,6 +46,9 @@ fn round_pct(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
+/// Where sysfs is unless the `sys_root` setting says otherwise.
+pub const DEFAULT_SYS_ROOT: &str = "/sys";
+
 /// Reads every source under one proc root into samples.
 #[derive(Debug)]
 pub struct Collector {
@@ -58,6 +63,9 @@ pub struct Collector {
     psi: [ProcFile; 3],
     hostname: ProcFile,
     processes: processes::ProcessCounter,
+    balloon: balloon::BalloonReader,
+    net_totals: totals::DeviceTotals,
+    disk_totals: totals::DeviceTotals,
     /// Kernel clock ticks per second, for CPU times in seconds.
     ticks: f64,
     /// What is mounted at `/` (device, type), read once.
@@ -123,6 +131,9 @@ impl Collector {
             ],
             hostname: ProcFile::new(proc_root, "sys/kernel/hostname"),
             processes: processes::ProcessCounter::new(proc_root),
+            balloon: balloon::BalloonReader::new(proc_root, Path::new(DEFAULT_SYS_ROOT)),
+            net_totals: totals::DeviceTotals::default(),
+            disk_totals: totals::DeviceTotals::default(),
             boot_id,
             run_id,
             vm_id,
@@ -133,6 +144,13 @@ impl Collector {
             failing: BTreeMap::new(),
             failing_changed: false,
         })
+    }
+
+    /// Reads `/sys` files (the balloon device's) under `sys_root` instead
+    /// of `/sys`.
+    pub fn with_sys_root(mut self, sys_root: &Path) -> Collector {
+        self.balloon = balloon::BalloonReader::new(&self.root, sys_root);
+        self
     }
 
     /// The run id every sample of this collector carries.
@@ -224,20 +242,32 @@ impl Collector {
 
         let mem = self.meminfo.parse(meminfo::parse);
         let mem = self.note("meminfo", mem);
-        detail.memory = mem.map(|m| m.bytes);
+        // The balloon is read only beside a meminfo it corrects.
+        let (balloon_kb, in_mem_total) = match mem {
+            Some(m) => self.balloon(m.balloon_kb),
+            None => (None, false),
+        };
+        let figures = mem.map(|m| m.figures(balloon_kb, in_mem_total));
+        detail.memory = mem.zip(figures).map(|(m, f)| Memory {
+            balloon: balloon_kb.map(|b| b.saturating_mul(1024)),
+            usable: f.total_kb.saturating_mul(1024),
+            available: m.bytes.available.min(f.total_kb.saturating_mul(1024)),
+            ..m.bytes
+        });
         let load = self.loadavg.parse(loadavg::parse);
         let load = self.note("loadavg", load);
         let uptime = self.uptime.parse(uptime::parse);
         let uptime = self.note("uptime", uptime);
         let net = self.net_dev.parse(net_dev::parse);
+        // Totals over every device of the run, gone ones included.
         let net = self.note("net/dev", net).map(|n| {
             detail.interfaces = n.interfaces;
-            (n.rx_bytes, n.tx_bytes)
+            self.net_totals.update(&mut detail.interfaces, timestamp_ms)
         });
         let disk = optional(self.diskstats.parse(diskstats::parse));
         let disk = self.note("diskstats", disk).flatten().map(|d| {
             detail.disks = d.disks;
-            (d.read_bytes, d.written_bytes)
+            self.disk_totals.update(&mut detail.disks, timestamp_ms)
         });
         let mut psi = [None; 3];
         for (i, name) in ["pressure/cpu", "pressure/memory", "pressure/io"]
@@ -294,17 +324,18 @@ impl Collector {
             load_average: load.map(|l| round2(l[0])),
             load_average_5: load.map(|l| round2(l[1])),
             load_average_15: load.map(|l| round2(l[2])),
-            memory_total_kb: mem.map(|m| m.total_kb),
-            memory_available_kb: mem.map(|m| m.available_kb),
-            memory_used_kb: mem.map(|m| m.used_kb()),
-            memory_usage_percent: mem.map(|m| round_pct(m.usage_percent())),
+            memory_total_kb: figures.map(|f| f.total_kb),
+            memory_available_kb: figures.map(|f| f.available_kb),
+            memory_used_kb: figures.map(|f| f.used_kb),
+            memory_usage_percent: figures.map(|f| round_pct(f.usage_percent)),
+            memory_balloon_kb: balloon_kb,
             swap_total_kb: mem.map(|m| m.swap_total_kb),
             swap_used_kb: mem.map(|m| m.swap_used_kb),
             uptime_seconds: uptime,
-            network_rx_bytes: net.map(|n| n.0),
-            network_tx_bytes: net.map(|n| n.1),
-            disk_read_bytes: disk.map(|d| d.0),
-            disk_write_bytes: disk.map(|d| d.1),
+            network_rx_bytes: net.map(|n| n[0]),
+            network_tx_bytes: net.map(|n| n[1]),
+            disk_read_bytes: disk.map(|d| d[0]),
+            disk_write_bytes: disk.map(|d| d[1]),
             filesystem_total_kb: fs.map(|f| f.0),
             filesystem_used_kb: fs.map(|f| f.1),
             pressure_cpu_some_avg10: psi[0],
@@ -315,6 +346,17 @@ impl Collector {
             restore_count: self.restore_count,
             detail: Some(Arc::new(detail)),
         }
+    }
+
+    /// The balloon's size (`meminfo_kb` when meminfo had it) and whether
+    /// MemTotal counts it; a part that fails is noted, and the balloon is
+    /// then taken as unknown or not counted in MemTotal.
+    fn balloon(&mut self, meminfo_kb: Option<u64>) -> (Option<u64>, bool) {
+        let kb = self.balloon.size_kb(meminfo_kb);
+        let kb = self.note("vmstat", kb).flatten();
+        let in_total = self.balloon.in_mem_total(kb.unwrap_or(0));
+        let in_total = self.note("balloon device", in_total).unwrap_or(false);
+        (kb, in_total)
     }
 
     /// Keeps a source's value, or records its failure: logged when it starts

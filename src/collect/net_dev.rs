@@ -33,6 +33,7 @@ pub fn parse(text: &[u8]) -> Result<NetReading, ProcError> {
                 receive: [d.recv_bytes, d.recv_packets, d.recv_errs, d.recv_drop],
                 transmit: [d.sent_bytes, d.sent_packets, d.sent_errs, d.sent_drop],
                 name: d.name,
+                since_ms: None,
             }
         })
         .collect();

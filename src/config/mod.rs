@@ -133,6 +133,8 @@ pub struct Config {
     pub log: log::LevelFilter,
     /// Where /proc is.
     pub proc_root: PathBuf,
+    /// Where /sys is.
+    pub sys_root: PathBuf,
     /// Push body format.
     pub format: Format,
     /// Bearer token for pushes, from `token` or `token_file`.
@@ -349,6 +351,7 @@ fn build(origins: Vec<Origin>, errors: Vec<String>, warnings: Vec<String>) -> Re
         batch: count("batch", settings::MAX_BATCH)?,
         log: settings::parse_log(get("log").unwrap_or("info")).map_err(|e| internal("log", e))?,
         proc_root,
+        sys_root: PathBuf::from(get("sys_root").unwrap_or(crate::collect::DEFAULT_SYS_ROOT)),
         format: match get("format") {
             Some("influx") => Format::Influx,
             Some("otlp") => Format::Otlp,
@@ -446,17 +449,16 @@ fn read_token_file(path: &Path) -> std::result::Result<(Secret, Option<String>),
     Ok((Secret(token.to_string()), warning))
 }
 
-/// The byte bound of the buffer: [`settings::BUFFER_MAX_BYTES`], or the
-/// share of MemTotal when that is less (docs/design.md#delivery). Without
-/// a readable `meminfo` the absolute bound holds.
+/// The byte bound of the buffer at start, from MemTotal
+/// ([`settings::buffer_bound`], docs/design.md#delivery); the running agent
+/// follows the guest's memory from its samples. Without a readable
+/// `meminfo` the absolute bound holds.
 fn buffer_max_bytes(proc_root: &Path) -> usize {
     let total_kb = ProcFile::new(proc_root, "meminfo")
         .parse(meminfo::parse)
         .map(|m| m.total_kb)
         .unwrap_or(u64::MAX / 1024);
-    let share = (total_kb.saturating_mul(1024) / settings::BUFFER_MEMORY_SHARE as u64)
-        .min(settings::BUFFER_MAX_BYTES as u64);
-    share as usize
+    settings::buffer_bound(total_kb)
 }
 
 impl Config {

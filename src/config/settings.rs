@@ -58,6 +58,13 @@ pub const BUFFER_MAX_BYTES: usize = 16 * 1024 * 1024;
 /// (2 %: 2.6 MiB in a 128 MiB guest, where the default 1000 samples take
 /// about 0.7 MiB).
 pub const BUFFER_MEMORY_SHARE: usize = 50;
+/// The buffer's byte bound for a guest that can use `memory_kb`:
+/// [`BUFFER_MAX_BYTES`], or its [`BUFFER_MEMORY_SHARE`] when that is less.
+pub fn buffer_bound(memory_kb: u64) -> usize {
+    (memory_kb.saturating_mul(1024) / BUFFER_MEMORY_SHARE as u64).min(BUFFER_MAX_BYTES as u64)
+        as usize
+}
+
 /// Largest token file read.
 pub const MAX_TOKEN_FILE: u64 = 4096;
 /// Largest batch accepted, in samples per POST.
@@ -152,6 +159,15 @@ pub const SETTINGS: &[Setting] = &[
         on_cmdline: false,
         secret: false,
         help: "where /proc is mounted (tests point it at fixtures)",
+        check: check_proc_root,
+    },
+    Setting {
+        name: "sys_root",
+        value_name: "DIR",
+        default: Some("/sys"),
+        on_cmdline: false,
+        secret: false,
+        help: "where /sys is mounted (the balloon device's features; tests point it at fixtures)",
         check: check_proc_root,
     },
     Setting {
@@ -432,6 +448,8 @@ mod tests {
             ("proc_root", "/proc", true),
             ("proc_root", "/nonexistent/proc", false),
             ("proc_root", "/proc/self/stat", false),
+            ("sys_root", "/sys", true),
+            ("sys_root", "/nonexistent/sys", false),
             ("token_file", "/run/secrets/token", true),
             ("token_file", "", false),
         ];

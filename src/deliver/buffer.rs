@@ -10,6 +10,12 @@
 //! request loses nothing and a forgotten batch cannot leave the buffer
 //! stuck. A sample evicted while it is in flight is counted as dropped only
 //! if that request fails: if it succeeds, the sample was delivered, not lost.
+//!
+//! The byte bound follows the guest's memory ([`Buffer::set_max_bytes`]). A
+//! lower bound is met gradually, never by a burst of drops: while the
+//! buffer holds more than it, each new sample makes room for itself and
+//! one more (the oldest go), so what is held shrinks by about a sample per
+//! interval, and deliveries drain it as usual.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -24,13 +30,14 @@ pub struct Buffer {
     inner: Mutex<Inner>,
     ready: Condvar,
     capacity: usize,
-    max_bytes: usize,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     queue: VecDeque<(Arc<Sample>, usize)>,
     bytes: usize,
+    /// The byte bound, which follows the guest's memory.
+    max_bytes: usize,
     dropped: u64,
     closed: bool,
     /// Samples of the batch being sent still at the front of the queue, if
@@ -47,10 +54,12 @@ impl Buffer {
     /// at most `max_bytes` of them (at least one sample, whatever its size).
     pub fn new(capacity: usize, max_bytes: usize) -> Buffer {
         Buffer {
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                max_bytes,
+                ..Inner::default()
+            }),
             ready: Condvar::new(),
             capacity: capacity.max(1),
-            max_bytes,
         }
     }
 
@@ -80,9 +89,13 @@ impl Buffer {
     ) -> (Arc<Sample>, Option<Batch<'_>>) {
         let size = footprint(&sample);
         let mut g = self.lock();
-        while !g.queue.is_empty()
-            && (g.queue.len() >= self.capacity || g.bytes + size > self.max_bytes)
-        {
+        // Over a bound that was lowered: room for this sample and one more.
+        let limit = if g.bytes > g.max_bytes {
+            g.max_bytes.max(g.bytes.saturating_sub(size))
+        } else {
+            g.max_bytes
+        };
+        while !g.queue.is_empty() && (g.queue.len() >= self.capacity || g.bytes + size > limit) {
             let Some((_, bytes)) = g.queue.pop_front() else {
                 break;
             };
@@ -136,7 +149,7 @@ impl Buffer {
             bytes: g.bytes,
             dropped: g.dropped,
             capacity: self.capacity,
-            max_bytes: self.max_bytes,
+            max_bytes: g.max_bytes,
         }
     }
 
@@ -147,7 +160,13 @@ impl Buffer {
 
     /// The bound in bytes.
     pub fn max_bytes(&self) -> usize {
-        self.max_bytes
+        self.lock().max_bytes
+    }
+
+    /// A new byte bound, when the guest's memory changed. Nothing is
+    /// dropped now: a lower bound is met as later samples arrive.
+    pub fn set_max_bytes(&self, max_bytes: usize) {
+        self.lock().max_bytes = max_bytes;
     }
 
     /// The oldest `max` samples, waiting until at least one is there and no
@@ -344,6 +363,36 @@ mod tests {
         b.push(sample(1));
         b.batch(10, None).remove();
         assert_eq!(b.figures().bytes, 0);
+    }
+
+    #[test]
+    fn a_lowered_bound_is_met_a_sample_at_a_time_and_a_raised_one_at_once() {
+        let one = footprint(&sample(1));
+        let b = Buffer::new(1000, 10 * one);
+        for i in 1..=10 {
+            b.push(sample(i));
+        }
+        // The guest's memory shrank: the bound is now 4 samples.
+        b.set_max_bytes(4 * one);
+        assert_eq!(b.figures().len, 10, "nothing dropped when the bound moves");
+        assert_eq!(b.max_bytes(), 4 * one);
+        // Each new sample takes the room of two old ones: 10 → 9 → … → 4.
+        let mut held = Vec::new();
+        for i in 11..=20 {
+            b.push(sample(i));
+            held.push(b.figures().len);
+        }
+        assert_eq!(held, [9, 8, 7, 6, 5, 4, 4, 4, 4, 4]);
+        let st = b.figures();
+        assert_eq!((st.dropped, st.bytes), (16, 4 * one));
+        assert_eq!(seqs(&b.batch(10, None)), vec![17, 18, 19, 20]);
+        // Grown again: room at once, nothing more dropped.
+        b.set_max_bytes(8 * one);
+        for i in 21..=24 {
+            b.push(sample(i));
+        }
+        let st = b.figures();
+        assert_eq!((st.len, st.dropped), (8, 16));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::sample::detail::Detail;
+use crate::sample::detail::{Detail, Disk};
 use crate::sample::{AGENT_VERSION, Sample};
 
 /// The `Content-Type` of an OTLP/HTTP JSON body.
@@ -59,6 +59,8 @@ struct Points<'a> {
     out: &'a mut Vec<u8>,
     time: u64,
     start: Option<u64>,
+    /// The sample's counters' start: boot.
+    boot: Option<u64>,
     written: usize,
 }
 
@@ -85,6 +87,16 @@ impl Points<'_> {
     fn int(&mut self, attrs: &[(&str, Attr<'_>)], v: u64) {
         self.begin(attrs);
         let _ = write!(self.out, ",\"asInt\":\"{v}\"}}");
+    }
+
+    /// Starts the points of a device whose counters began at `since_ms`
+    /// (it appeared, or was reset, during the run), or at boot for `None`,
+    /// so a receiver sees a new device's counters as a new series.
+    fn device(&mut self, since_ms: Option<u64>) {
+        self.start = match (since_ms, self.boot) {
+            (Some(ms), Some(_)) => Some(ms.saturating_mul(1_000_000)),
+            _ => self.boot,
+        };
     }
 
     fn double(&mut self, attrs: &[(&str, Attr<'_>)], v: f64) {
@@ -156,9 +168,10 @@ const METRICS: &[Metric] = &[
         points: |_, d, p| {
             if let Some(m) = &d.memory {
                 // "used" as the hostmetrics receiver counts it: neither
-                // free nor buffers nor page cache.
+                // free nor buffers nor page cache; nor the balloon, out of
+                // the usable memory these states add up to.
                 let used = m
-                    .total
+                    .usable
                     .saturating_sub(m.free)
                     .saturating_sub(m.buffers)
                     .saturating_sub(m.cached);
@@ -179,7 +192,17 @@ const METRICS: &[Metric] = &[
         instrument: UpDownCounter,
         points: |_, d, p| {
             if let Some(m) = &d.memory {
-                p.int(&[], m.total);
+                p.int(&[], m.usable);
+            }
+        },
+    },
+    Metric {
+        name: "system.memory.linux.balloon",
+        unit: "By",
+        instrument: UpDownCounter,
+        points: |_, d, p| {
+            if let Some(b) = d.memory.and_then(|m| m.balloon) {
+                p.int(&[], b);
             }
         },
     },
@@ -235,7 +258,7 @@ const METRICS: &[Metric] = &[
         instrument: Counter,
         points: |_, d, p| {
             for k in &d.disks {
-                disk(p, &k.name, k.read_bytes, k.written_bytes);
+                disk(p, k, k.read_bytes, k.written_bytes);
             }
         },
     },
@@ -245,7 +268,7 @@ const METRICS: &[Metric] = &[
         instrument: Counter,
         points: |_, d, p| {
             for k in &d.disks {
-                disk(p, &k.name, k.reads, k.writes);
+                disk(p, k, k.reads, k.writes);
             }
         },
     },
@@ -255,11 +278,13 @@ const METRICS: &[Metric] = &[
         instrument: Counter,
         points: |_, d, p| {
             for k in &d.disks {
+                p.device(k.since_ms);
                 p.double(
                     &[("system.device", Attr::Str(&k.name))],
                     k.io_ms as f64 / 1000.0,
                 );
             }
+            p.device(None);
         },
     },
     Metric {
@@ -420,6 +445,7 @@ const METRICS: &[Metric] = &[
 fn network(d: &Detail, i: usize, p: &mut Points<'_>) {
     for n in &d.interfaces {
         let name = Attr::Str(&n.name);
+        p.device(n.since_ms);
         for (dir, v) in [("receive", n.receive[i]), ("transmit", n.transmit[i])] {
             p.int(
                 &[
@@ -430,19 +456,22 @@ fn network(d: &Detail, i: usize, p: &mut Points<'_>) {
             );
         }
     }
+    p.device(None);
 }
 
-/// A disk's read and write figures.
-fn disk(p: &mut Points<'_>, name: &str, read: u64, write: u64) {
+/// A disk's read and write figures, from when its counters began.
+fn disk(p: &mut Points<'_>, k: &Disk, read: u64, write: u64) {
+    p.device(k.since_ms);
     for (dir, v) in [("read", read), ("write", write)] {
         p.int(
             &[
-                ("system.device", Attr::Str(name)),
+                ("system.device", Attr::Str(&k.name)),
                 ("disk.io.direction", Attr::Str(dir)),
             ],
             v,
         );
     }
+    p.device(None);
 }
 
 fn load(p: &mut Points<'_>, v: Option<f64>) {
@@ -537,11 +566,13 @@ fn resource(group: &[Arc<Sample>], out: &mut Vec<u8>) {
             out,
             time: 0,
             start: None,
+            boot: None,
             written: 0,
         };
         for s in group {
             points.time = s.timestamp_ms.saturating_mul(1_000_000);
             points.start = (m.instrument != Gauge).then(|| start_time(s)).flatten();
+            points.boot = points.start;
             (m.points)(s, s.detail.as_deref().unwrap_or(&empty), &mut points);
         }
         if points.written == 0 {

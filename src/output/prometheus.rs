@@ -214,6 +214,9 @@ pub fn encode(s: &Sample, detail: Option<&Detail>, out: &mut Vec<u8>) {
             ("SReclaimable", m.slab_reclaimable),
             ("SwapTotal", Some(m.swap_total)),
             ("SwapFree", Some(m.swap_free)),
+            // meminfo's own line on Linux 6.15+; the agent has the figure
+            // from vmstat on older kernels too.
+            ("Balloon", m.balloon),
         ] {
             e.single(
                 &format!("node_memory_{field}_bytes"),
@@ -391,6 +394,7 @@ pub fn encode(s: &Sample, detail: Option<&Detail>, out: &mut Vec<u8>) {
         1.0,
     );
     let ratio = |p: Option<f64>| p.map(|p| p / 100.0);
+    let kib = |v: Option<u64>| v.map(|v| v as f64 * 1024.0);
     for (name, kind, help, v) in [
         (
             "guest_agent_cpu_busy_ratio",
@@ -413,8 +417,20 @@ pub fn encode(s: &Sample, detail: Option<&Detail>, out: &mut Vec<u8>) {
         (
             "guest_agent_memory_used_ratio",
             Gauge,
-            "Share of memory in use, as free counts it (total - available).",
+            "Share of the usable memory in use (used / usable), the balloon excluded.",
             ratio(s.memory_usage_percent),
+        ),
+        (
+            "guest_agent_memory_usable_bytes",
+            Gauge,
+            "Memory the guest can use now: MemTotal, less the balloon where MemTotal still counts it.",
+            kib(s.memory_total_kb),
+        ),
+        (
+            "guest_agent_memory_used_bytes",
+            Gauge,
+            "Memory the guest itself uses: usable - MemAvailable, never the balloon.",
+            kib(s.memory_used_kb),
         ),
         (
             "guest_agent_window_seconds",

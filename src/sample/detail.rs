@@ -47,6 +47,11 @@ pub struct Memory {
     pub swap_total: u64,
     /// SwapFree.
     pub swap_free: u64,
+    /// The virtio balloon's size; `None` where the kernel shows none.
+    pub balloon: Option<u64>,
+    /// What the guest can use now: MemTotal, less the balloon where
+    /// MemTotal still counts it (docs/design.md#memory-under-a-balloon).
+    pub usable: u64,
 }
 
 /// One network interface's cumulative counters, `net/dev`.
@@ -58,6 +63,9 @@ pub struct Interface {
     pub receive: [u64; 4],
     /// Sent: bytes, packets, errors, dropped.
     pub transmit: [u64; 4],
+    /// When its counters began, ms since the epoch, for a device that
+    /// appeared (or was reset) during the run; `None`: counting from boot.
+    pub since_ms: Option<u64>,
 }
 
 /// One whole disk's cumulative counters, `diskstats`.
@@ -81,6 +89,9 @@ pub struct Disk {
     pub in_progress: u64,
     /// Milliseconds with I/O in flight.
     pub io_ms: u64,
+    /// When its counters began, ms since the epoch, for a disk that
+    /// appeared (or was reset) during the run; `None`: counting from boot.
+    pub since_ms: Option<u64>,
 }
 
 /// The root filesystem, from statvfs and `mounts`.

@@ -137,14 +137,19 @@ schema! {
     load_average_5: Option<f64>,
     /// 15-minute load average.
     load_average_15: Option<f64>,
-    /// MemTotal, KiB.
+    /// Memory the guest can use now, KiB: MemTotal, less the balloon when
+    /// the balloon's pages stay inside MemTotal (deflate-on-OOM).
     memory_total_kb: Option<u64>,
-    /// MemAvailable (or its pre-3.14 estimate), KiB.
+    /// MemAvailable (or its pre-3.14 estimate), KiB, at most the total.
     memory_available_kb: Option<u64>,
-    /// total − available, KiB.
+    /// total − available, KiB: the guest's own use, never the balloon.
     memory_used_kb: Option<u64>,
     /// used / total × 100.
     memory_usage_percent: Option<f64>,
+    /// The virtio balloon's size, KiB (`Balloon:` in `meminfo`, else
+    /// `vmstat`'s balloon counters); null where the kernel shows none.
+    #[serde(default)]
+    memory_balloon_kb: Option<u64>,
     /// SwapTotal, KiB.
     swap_total_kb: Option<u64>,
     /// SwapTotal − SwapFree, KiB.
@@ -203,7 +208,7 @@ pub const TYPICAL_SAMPLE_BYTES: usize =
 /// Fields added to schema 1 after its first agents shipped: a sample
 /// without them is still a whole schema 1 sample, read as null and 0
 /// (docs/snapshots.md#the-sample-fields).
-const ADDED_LATER: [&str; 2] = ["restored_from_run_id", "restore_count"];
+const ADDED_LATER: [&str; 3] = ["restored_from_run_id", "restore_count", "memory_balloon_kb"];
 
 impl Sample {
     /// Parses one sample from a JSON value, requiring every field of the
