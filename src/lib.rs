@@ -27,6 +27,7 @@
 pub mod error;
 mod logging;
 pub mod sample;
+pub mod sign;
 mod stop;
 // The stages, each above those before it.
 pub mod collect;
