@@ -19,6 +19,7 @@ use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue};
 use super::backoff::{BACKOFF_CAP, Backoff, parse_retry_after};
 use super::buffer::{Batch, Buffer};
 use crate::collect::route;
+use crate::config::key::Signing;
 use crate::config::{Config, Format};
 use crate::net::address::source_address;
 use crate::net::client::{Client, Error as ClientError};
@@ -96,6 +97,12 @@ pub struct Sender {
     /// it had: the collection thread sends nothing itself until the sender's
     /// thread has had an answer within half of it.
     too_slow_for: Option<Duration>,
+    /// The VM's key, when pushes are signed (docs/security.md).
+    signing: Option<Signing>,
+    /// Set by a 401 or a restore: the sender's thread reads the key again
+    /// before its next request (the collection thread sends nothing until
+    /// then: reading MMDS may take its whole timeout).
+    reload_key: bool,
 }
 
 impl Sender {
@@ -127,10 +134,13 @@ impl Sender {
             headers.push((AUTHORIZATION, v));
         }
         let restores = status.restores();
+        let signing = Signing::new(config);
+        let mut client = Client::for_peer(peer, config.timeout);
+        client.sign_with(signing.as_ref().map(|s| s.credentials.clone()));
         Some(Sender {
             status,
             buffer,
-            client: Client::for_peer(peer, config.timeout),
+            client,
             template,
             proc_root: config.proc_root.clone(),
             format: config.format,
@@ -147,6 +157,8 @@ impl Sender {
             retry_at: None,
             said_partial: false,
             too_slow_for: None,
+            signing,
+            reload_key: false,
         })
     }
 
@@ -188,6 +200,7 @@ impl Sender {
     /// that may come before it: a restore, a new route, a name lookup.
     fn attempt(&mut self, batch: Batch<'_>) {
         self.after_restore();
+        self.reload_key_if_refused();
         let delay = match self.refresh_target(true) {
             None => {
                 drop(batch);
@@ -219,6 +232,7 @@ impl Sender {
             && !self.resolve_again
             && self.retry_at.is_none_or(|at| at <= now)
             && self.too_slow_for.is_none()
+            && !self.reload_key
             && self.status.restores() == self.restores
     }
 
@@ -275,7 +289,31 @@ impl Sender {
         self.client.disconnect();
         self.resolve_again = true;
         self.backoff.reset();
+        // A clone gets its own key (and maybe id) from MMDS.
+        self.reload_key = self.signing.is_some();
         log::info!("restored from a snapshot: new connections, route looked up again");
+    }
+
+    /// After the manager refused a signature (or a restore): the key is
+    /// read again from MMDS or the key file before the next request, so a
+    /// key rotated on both sides lets pushes resume with nothing lost
+    /// (docs/security.md#rotation).
+    fn reload_key_if_refused(&mut self) {
+        if !std::mem::take(&mut self.reload_key) {
+            return;
+        }
+        let Some(signing) = &self.signing else {
+            return;
+        };
+        match signing.reload() {
+            Ok(true) => log::info!(
+                "signing key read again: now key {} for vm_id {}",
+                signing.credentials.kid(),
+                signing.credentials.vm_id()
+            ),
+            Ok(false) => log::debug!("signing key read again: unchanged"),
+            Err(e) => log::warn!("reading the signing key again: {e}; keeping the one in use"),
+        }
     }
 
     /// The push target, looked up again after a connection failure. A host
@@ -385,6 +423,24 @@ impl Sender {
                     }
                     Outcome::Delivered
                 }
+                // A refused signature, or samples of another VM: kept and
+                // retried (docs/security.md); after a 401 the key is read
+                // again first. Without a key, an OTLP receiver's 401 keeps
+                // the OTLP rule below (a token that is wrong).
+                status @ (401 | 403) if !otlp || self.signing.is_some() => {
+                    if status == 401 {
+                        self.reload_key = self.signing.is_some();
+                    }
+                    Outcome::Retry {
+                        error: format!(
+                            "{url}: HTTP {status}: {}",
+                            refusal_reason(self.client.body())
+                        ),
+                        retry_after: answer.retry_after.as_deref().and_then(parse_retry_after),
+                        transport: false,
+                        timed_out: false,
+                    }
+                }
                 // OTLP/HTTP: only these are worth a retry; any other
                 // refusal would be refused again (docs/backends.md#opentelemetry).
                 429 | 502 | 503 | 504 if otlp => Outcome::Retry {
@@ -412,6 +468,11 @@ impl Sender {
                 transport: true,
             },
         }
+    }
+
+    /// Whether the sender reads its key again before its next request.
+    pub fn reloads_key(&self) -> bool {
+        self.reload_key
     }
 
     /// An OTLP receiver's 200 may still refuse some data points: they are
@@ -538,5 +599,27 @@ impl Sender {
                 return;
             }
         }
+    }
+}
+
+/// The reason a manager gave for a refusal: the ingest kit's
+/// `{"error": "…"}`, or the start of whatever else it sent.
+pub fn refusal_reason(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Refused {
+        error: String,
+    }
+    let text = match serde_json::from_slice::<Refused>(body) {
+        Ok(r) => r.error,
+        Err(_) => String::from_utf8_lossy(body).into_owned(),
+    };
+    let text: String = text
+        .chars()
+        .take(200)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    match text.trim() {
+        "" => "no reason given".into(),
+        t => t.to_string(),
     }
 }

@@ -285,6 +285,11 @@ impl Credentials {
         changed
     }
 
+    /// The VM id signed for.
+    pub fn vm_id(&self) -> String {
+        self.lock().0.clone()
+    }
+
     /// The key id in use.
     pub fn kid(&self) -> String {
         self.lock().1.kid.clone()
