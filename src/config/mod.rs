@@ -100,7 +100,7 @@ impl fmt::Debug for Secret {
 }
 
 /// The value a setting ended with and where it came from.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Origin {
     /// The setting.
     pub setting: &'static Setting,
@@ -108,6 +108,22 @@ pub struct Origin {
     pub value: Option<String>,
     /// Its source.
     pub source: Source,
+}
+
+impl fmt::Debug for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A secret's value (token, key) is never shown, not even in a
+        // debug print of the configuration.
+        let value = match (&self.value, self.setting.secret) {
+            (Some(_), true) => Some("<hidden>"),
+            (v, _) => v.as_deref(),
+        };
+        f.debug_struct("Origin")
+            .field("setting", &self.setting.name)
+            .field("value", &value)
+            .field("source", &self.source)
+            .finish()
+    }
 }
 
 /// The validated settings of one agent process.
