@@ -551,3 +551,171 @@ fn the_vm_key_example_prints_the_derived_key() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// The PyPI package the interoperability test runs, at the version it was
+/// written against.
+const PYHMS: &str = "http-message-signatures==3.0.0";
+
+/// Python with [`PYHMS`], in a venv made once under `target/`; `None`
+/// (after saying why) when it cannot be made here, which fails under
+/// `CI=true`.
+fn pyhms() -> Option<PathBuf> {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/signing-venv");
+    let python = venv.join("bin/python");
+    let ready = venv.join(format!(".ready-{PYHMS}"));
+    let made = (|| -> Result<(), String> {
+        if ready.exists() {
+            return Ok(());
+        }
+        let run = |cmd: &mut Command| -> Result<(), String> {
+            let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{cmd:?}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        };
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        run(Command::new(venv.join("bin/pip")).args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            PYHMS,
+        ]))?;
+        std::fs::write(&ready, "").map_err(|e| e.to_string())
+    })();
+    match made {
+        Ok(()) => Some(python),
+        Err(why) => {
+            let why = format!("the interoperability test needs python3-venv and PyPI: {why}");
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+            eprintln!("skipping: {why}");
+            None
+        }
+    }
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/signing_interop/pyhms.py")
+}
+
+#[test]
+fn http_message_signatures_verifies_the_agent_and_signs_for_the_kit() {
+    use base64::Engine as _;
+    let Some(python) = pyhms() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("masters");
+    write(
+        &keys,
+        &format!(
+            "{}\n{}\n",
+            master("k2", 2).to_line(),
+            master("k1", 1).to_line()
+        ),
+        0o600,
+    );
+
+    // The agent's requests (a push and a guest-address report), verified by
+    // the Python package with keys it derives itself.
+    let key_file = dir.path().join("vm.key");
+    write(&key_file, &master("k1", 1).derive("vm-a").to_line(), 0o600);
+    let rx = Receiver::start(Mode::Samples);
+    let a = agent::start(config(&[
+        ("url", &rx.url()),
+        ("interval", "100ms"),
+        ("vm_id", "vm-a"),
+        ("key_file", key_file.to_str().unwrap()),
+        ("manager_url", &format!("http://{}", rx.addr)),
+    ]))
+    .unwrap();
+    rx.wait_for(30, "a push and a guest-address report", |r| {
+        let reqs = r.requests();
+        reqs.iter().any(|q| q.path.ends_with("/guest-ip"))
+            && reqs
+                .iter()
+                .filter(|q| q.path == "/v1/guest-metrics")
+                .count()
+                >= 2
+    });
+    a.stop();
+    let mut lines = String::new();
+    let mut requests = rx.requests();
+    // One request changed after signing: the package must refuse it.
+    let mut tampered = requests[0].clone();
+    tampered.body.push(b' ');
+    requests.push(tampered);
+    for q in &requests {
+        let line = serde_json::json!({
+            "method": q.method,
+            "url": format!("http://{}{}", rx.addr, q.path),
+            "headers": q.headers,
+            "body_b64": base64::engine::general_purpose::STANDARD.encode(&q.body),
+        });
+        lines.push_str(&format!("{line}\n"));
+    }
+    let mut child = Command::new(&python)
+        .arg(script())
+        .arg("verify")
+        .arg(&keys)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(lines.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let verdicts = String::from_utf8_lossy(&out.stdout);
+    let verdicts: Vec<&str> = verdicts.lines().collect();
+    assert_eq!(
+        verdicts.len(),
+        requests.len(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (last, agents) = verdicts.split_last().unwrap();
+    for v in agents {
+        assert_eq!(*v, "ok k1/vm-a");
+    }
+    assert!(last.starts_with("refused"), "{last}");
+
+    // A request the package signs, accepted by the kit in the reference
+    // manager and stored.
+    let m = Manager::start("127.0.0.1:0", &keys, &dir.path().join("rows"), &[]);
+    let b = body("vm-p", 1);
+    let body_file = dir.path().join("body");
+    std::fs::write(&body_file, &b).unwrap();
+    let out = Command::new(&python)
+        .arg(script())
+        .arg("sign")
+        .arg(master("k2", 2).derive("vm-p").to_line())
+        .arg("vm-p")
+        .arg(m.url())
+        .arg(&body_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let headers: std::collections::BTreeMap<String, String> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    let headers: Vec<(&str, String)> = headers
+        .iter()
+        .filter(|(n, _)| !n.eq_ignore_ascii_case("content-type"))
+        .map(|(n, v)| (n.as_str(), v.clone()))
+        .collect();
+    let (status, why) = post(&mut tcp(&m.addr), "/v1/guest-metrics", &headers, &b);
+    assert_eq!(status, 200, "{why}");
+    let rows = m.rows();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["vm_id"], "vm-p");
+}
