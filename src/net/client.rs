@@ -851,6 +851,34 @@ mod tests {
     }
 
     #[test]
+    fn a_signing_client_signs_over_a_stream_socket_what_it_sends() {
+        use crate::sign::verify::Verifier;
+        use crate::sign::{Credentials, Key};
+        let master = Key::new("k1", [4; 32]).unwrap();
+        let verifier = Verifier::from_lines(&master.to_line()).unwrap();
+        let (_dir, path) = socket_path();
+        let seen = serve_unix(&path, After::Keep);
+        let mut c = unix_client(&path);
+        c.sign_with(Some(Credentials::new("vm-v", master.derive("vm-v"))));
+        for body in ["[1]", "[22]"] {
+            assert_eq!(post_vsock(&mut c, body).unwrap(), 204);
+            let got = seen.recv_timeout(LONG).unwrap();
+            let (head, sent) = got.head.split_once("\r\n\r\n").unwrap();
+            assert_eq!(sent, body);
+            let mut lines = head.split("\r\n");
+            let request_line: Vec<&str> = lines.next().unwrap().split(' ').collect();
+            let headers: Vec<(&str, &[u8])> = lines
+                .filter_map(|l| l.split_once(": "))
+                .map(|(n, v)| (n, v.as_bytes()))
+                .collect();
+            let signer = verifier
+                .verify(request_line[0], request_line[1], &headers, sent.as_bytes())
+                .unwrap();
+            assert_eq!(signer.vm_id, "vm-v");
+        }
+    }
+
+    #[test]
     fn a_closed_stream_connection_is_replaced_at_the_next_request() {
         let (_dir, path) = socket_path();
         let seen = serve_unix(&path, After::Close);
