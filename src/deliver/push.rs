@@ -623,3 +623,19 @@ pub fn refusal_reason(body: &[u8]) -> String {
         t => t.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::refusal_reason;
+
+    #[test]
+    fn a_refusal_reason_is_the_kits_error_or_the_start_of_the_body() {
+        assert_eq!(
+            refusal_reason(br#"{"error":"signature: none (no Signature-Input)"}"#),
+            "signature: none (no Signature-Input)"
+        );
+        assert_eq!(refusal_reason(b"forbidden\r\nmore"), "forbidden  more");
+        assert_eq!(refusal_reason(b""), "no reason given");
+        assert_eq!(refusal_reason(&[b'x'; 500]).len(), 200);
+    }
+}
