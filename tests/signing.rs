@@ -719,3 +719,67 @@ fn http_message_signatures_verifies_the_agent_and_signs_for_the_kit() {
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["vm_id"], "vm-p");
 }
+
+#[test]
+fn a_clone_drops_its_parents_buffered_samples_and_signs_its_own() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("masters");
+    let rows = dir.path().join("rows");
+    write(&keys, &master("k1", 1).to_line(), 0o600);
+    let m = Manager::start("127.0.0.1:0", &keys, &rows, &[]);
+    let doc = |vm: &str| {
+        format!(
+            r#"{{"guest_agent": {{"vm_id": "{vm}", "key": "{}"}}}}"#,
+            master("k1", 1).derive(vm).to_line()
+        )
+    };
+    let mmds = MmdsStandIn::start(&doc("parent"));
+    // The kernel log, as a plain file the test appends the VMGenID reseed to.
+    let kmsg = dir.path().join("kmsg");
+    std::fs::write(&kmsg, "").unwrap();
+    let a = agent::start(config(&[
+        ("url", &m.url()),
+        ("interval", "100ms"),
+        ("mmds", &mmds.addr().to_string()),
+        ("kmsg", kmsg.to_str().unwrap()),
+    ]))
+    .unwrap();
+    wait_until(30, "the parent's samples stored", || m.rows().len() >= 2);
+    // The manager goes away: the parent's samples pile up in the buffer.
+    let addr = m.addr.clone();
+    drop(m);
+    wait_until(30, "parent samples buffered", || a.health().buffered >= 3);
+    // Restored as a clone with its own id and key in MMDS.
+    mmds.set_document(&doc("clone-a"));
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&kmsg)
+        .unwrap();
+    writeln!(
+        f,
+        "5,3,300,-;random: crng reseeded due to virtual machine fork"
+    )
+    .unwrap();
+    let m = Manager::start(&addr, &keys, &rows, &[]);
+    wait_until(60, "the clone's samples stored", || {
+        m.rows().iter().filter(|r| r["vm_id"] == "clone-a").count() >= 3
+    });
+    let h = a.stop();
+    // The parent's buffered samples could not be signed by the clone:
+    // dropped and counted, never sent as the clone's, never blocking it.
+    assert!(h.rejected >= 3, "{h:?}");
+    assert!(
+        h.last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("\"parent\""),
+        "{h:?}"
+    );
+    let clone_rows: Vec<serde_json::Value> = m
+        .rows()
+        .into_iter()
+        .filter(|r| r["vm_id"] == "clone-a")
+        .collect();
+    assert_no_gap(&seqs(&clone_rows));
+}

@@ -201,6 +201,10 @@ impl Sender {
     fn attempt(&mut self, batch: Batch<'_>) {
         self.after_restore();
         self.reload_key_if_refused();
+        let buffer = self.buffer.clone();
+        let Some(batch) = self.for_one_vm(batch, &buffer) else {
+            return;
+        };
         let delay = match self.refresh_target(true) {
             None => {
                 drop(batch);
@@ -316,6 +320,48 @@ impl Sender {
         }
     }
 
+    /// With signing, one request speaks for one VM: a batch is cut before
+    /// the first sample whose `vm_id` differs from its first one. Samples
+    /// of an earlier run that carry another `vm_id` than the one signed for
+    /// are a snapshot parent's, buffered before the restore made this VM a
+    /// clone with its own id: this VM holds no key for them and can never
+    /// deliver them to a manager that checks signatures, so they are
+    /// dropped, counted as rejected and logged (the parent, or the
+    /// snapshot's other clones, deliver the same samples). `None` when
+    /// nothing is left to send now.
+    fn for_one_vm<'b>(&mut self, batch: Batch<'b>, buffer: &'b Buffer) -> Option<Batch<'b>> {
+        let Some(signing) = &self.signing else {
+            return Some(batch);
+        };
+        let samples = batch.samples();
+        let first = samples.first()?;
+        let n = samples
+            .iter()
+            .take_while(|s| s.vm_id == first.vm_id)
+            .count();
+        let signer = signing.credentials.vm_id();
+        let parents =
+            first.vm_id.as_deref() != Some(signer.as_str()) && first.restore_count < self.restores;
+        if !parents && n == samples.len() {
+            return Some(batch);
+        }
+        let parent_id = first.vm_id.clone().unwrap_or_default();
+        drop(batch);
+        let part = buffer.batch(n, Some(Instant::now()));
+        if !parents || part.is_empty() {
+            return Some(part).filter(|b| !b.is_empty());
+        }
+        let (from, to) = part.seqs();
+        let removed = part.remove();
+        let msg = format!(
+            "{removed} samples (seq {from}..={to}) of vm_id {parent_id:?}, buffered before the snapshot restore, \
+             cannot be signed by this VM (vm_id {signer:?}); dropped (the VM they came from delivers them)"
+        );
+        log::warn!("{msg}");
+        self.status.refused(removed as u64, msg);
+        None
+    }
+
     /// The push target, looked up again after a connection failure. A host
     /// name is looked up with it, on this thread, and the next connections
     /// go to what was found; the guest's address toward it is asked of the
@@ -428,9 +474,9 @@ impl Sender {
                 // again first. Without a key, an OTLP receiver's 401 keeps
                 // the OTLP rule below (a token that is wrong).
                 status @ (401 | 403) if !otlp || self.signing.is_some() => {
-                    if status == 401 {
-                        self.reload_key = self.signing.is_some();
-                    }
+                    // A 403 may come from a vm_id the key no longer matches
+                    // (a clone whose MMDS changed): read both again too.
+                    self.reload_key = self.signing.is_some();
                     Outcome::Retry {
                         error: format!(
                             "{url}: HTTP {status}: {}",
