@@ -4,9 +4,15 @@
 //! route only hands it the body and keeps each VM's latest sample.
 //!
 //! ```text
-//! cargo run --example axum_ingest -- [127.0.0.1:18080]
+//! cargo run --example axum_ingest -- [127.0.0.1:18080] [--key-file FILE]
 //! curl http://127.0.0.1:18080/v1/guest-metrics/VM_ID/latest
 //! ```
+//!
+//! With master keys (`--key-file`, lines `KID HEX`; [`Store::with_keys`])
+//! every push must be signed with its VM's key (docs/security.md): the
+//! signature is checked on the raw body before anything parses it (401
+//! with the reason), then every sample must be the signer's VM (403);
+//! nothing of a refused body is stored.
 //!
 //! In a manager, `router` is merged into the application's own router
 //! (`Router::merge`, or its routes added beside `/v1/vms`), and the stored
@@ -21,17 +27,30 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use guest_agent::Sample;
-use guest_agent::ingest::{self, Ingest};
+use guest_agent::ingest::{self, Ingest, Verifier};
 
 /// What the route keeps: the kit's state and each VM's newest sample.
 #[derive(Default)]
 pub struct Store {
     ingest: Ingest,
     latest: HashMap<String, Sample>,
+    /// Master keys: when set, only signed pushes are stored.
+    verifier: Option<Verifier>,
+}
+
+impl Store {
+    /// A store that requires every push to be signed with a key derived
+    /// from one of these master keys.
+    pub fn with_keys(verifier: Verifier) -> Store {
+        Store {
+            verifier: Some(verifier),
+            ..Store::default()
+        }
+    }
 }
 
 /// The state shared by the handlers. A plain mutex: it is never held across
@@ -60,9 +79,35 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn push(State(state): State<AppState>, body: Bytes) -> Response {
+async fn push(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let mut store = lock(&state);
-    let batch = match store.ingest.prepare(&body) {
+    // The signature first, on the raw body: who the request speaks for.
+    // `@path` is the path the agent sent: a router nested under a prefix
+    // takes it from `OriginalUri` (axum's `original-uri` feature) instead.
+    let signer = match &store.verifier {
+        Some(v) => {
+            let fields: Vec<(&str, &[u8])> = headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_bytes()))
+                .collect();
+            match v.verify(method.as_str(), uri.path(), &fields, &body) {
+                Ok(signer) => Some(signer),
+                Err(rejection) => return respond(rejection.reply()),
+            }
+        }
+        None => None,
+    };
+    let prepared = match &signer {
+        Some(s) => store.ingest.prepare_for_vm(&body, &s.vm_id),
+        None => store.ingest.prepare(&body),
+    };
+    let batch = match prepared {
         Ok(b) => b,
         Err(refusal) => return respond(refusal.reply()),
     };
@@ -111,9 +156,26 @@ fn respond(reply: ingest::Reply) -> Response {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let listen = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:18080".into());
+    let mut listen = "127.0.0.1:18080".to_string();
+    let mut store = Store::default();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if arg == "--key-file" {
+            let Some(path) = args.next() else {
+                eprintln!("axum_ingest: --key-file needs a file of master keys");
+                std::process::exit(2);
+            };
+            match Verifier::load(std::path::Path::new(&path)) {
+                Ok(v) => store = Store::with_keys(v),
+                Err(e) => {
+                    eprintln!("axum_ingest: {e}");
+                    std::process::exit(2);
+                }
+            }
+        } else {
+            listen = arg;
+        }
+    }
     let listener = match tokio::net::TcpListener::bind(&listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -125,7 +187,8 @@ async fn main() {
         Ok(a) => println!("listening on {a}"),
         Err(e) => eprintln!("axum_ingest: {e}"),
     }
-    if let Err(e) = axum::serve(listener, router(AppState::default())).await {
+    let state = Arc::new(Mutex::new(store));
+    if let Err(e) = axum::serve(listener, router(state)).await {
         eprintln!("axum_ingest: {e}");
         std::process::exit(1);
     }

@@ -1120,6 +1120,36 @@ fn in_process_memory(long: u64) -> Res<InProcessMemory> {
     })
 }
 
+// ---------------------------------------------------------------- signing
+
+/// What signing adds to a push (docs/security.md): the Content-Digest,
+/// signature base and HMAC of one request, as the agent's client makes
+/// them, for the steady state's one-sample body and a full batch.
+fn sign_table(n: usize) -> Res<String> {
+    use guest_agent::sign::{Credentials, Key};
+    let mut c = Collector::new(Path::new("/proc"), Some("bench".into()))?;
+    let credentials = Credentials::new("bench", Key::new("k1", [7; 32])?.derive("bench"));
+    let mut md = String::from(
+        "| body | bytes | thread CPU per signature, median | p99 |\n|---|---:|---:|---:|\n",
+    );
+    for samples in [1usize, 100] {
+        let batch: Vec<Arc<Sample>> = (0..samples).map(|_| Arc::new(c.collect())).collect();
+        let mut body = Vec::with_capacity(128 * 1024);
+        encode(&batch, Format::Json, &mut body);
+        let t = measure(n, || {
+            black_box(credentials.sign("POST", "/v1/guest-metrics", black_box(&body)));
+        });
+        md.push_str(&format!(
+            "| {samples} sample{} (JSON) | {} | {} µs | {} µs |\n",
+            if samples == 1 { "" } else { "s" },
+            body.len(),
+            us(t.cpu.median),
+            us(t.cpu.p99)
+        ));
+    }
+    Ok(md)
+}
+
 // ---------------------------------------------------------------- size
 
 struct Size {
@@ -1646,6 +1676,10 @@ fn only(o: &Opts, what: &str, n: usize, tmp: &Path) -> Res<()> {
         }
         return Ok(());
     }
+    if what == "sign" {
+        println!("\n{}", sign_table(n)?);
+        return Ok(());
+    }
     let mut c = Collector::new(Path::new("/proc"), Some("bench".into()))?;
     let t = match what {
         "floor" => {
@@ -1676,7 +1710,7 @@ fn only(o: &Opts, what: &str, n: usize, tmp: &Path) -> Res<()> {
         }
         other => {
             return Err(format!(
-                "--only {other:?}: expected collect, encode, push, floor, deployed, fair, formats, sources, allocs or ingest"
+                "--only {other:?}: expected collect, encode, push, floor, deployed, fair, formats, sources, allocs, sign or ingest"
             )
             .into());
         }

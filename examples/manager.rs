@@ -3,8 +3,16 @@
 //! docs/design.md#delivery), in one std-only file.
 //!
 //! ```text
-//! cargo run --example manager -- [--listen 127.0.0.1:18080 | --unix PATH] [--ndjson FILE] [--token TOKEN]
+//! cargo run --example manager -- [--listen 127.0.0.1:18080 | --unix PATH [--vm-id ID]] [--ndjson FILE] [--token TOKEN] [--key-file FILE]
 //! ```
+//!
+//! `--key-file FILE` (master keys, lines `KID HEX`) requires every push to
+//! be signed with the key of the VM it speaks for, and stores samples only
+//! of that VM (docs/security.md): 401 with the reason for a missing or
+//! wrong signature or digest, 403 for a sample of another VM; nothing of
+//! such a body is stored. `--unix PATH --vm-id ID` refuses (403) samples of
+//! any VM but ID, signed or not: the host socket of a vsock belongs to one
+//! VM.
 //!
 //! `--unix PATH` listens on a Unix socket instead: the host side of a
 //! Firecracker VM whose agent pushes over vsock is `--unix <uds_path>_PORT`
@@ -45,7 +53,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use guest_agent::Sample;
-use guest_agent::ingest::{self, Ingest};
+use guest_agent::ingest::{self, Ingest, Verifier};
 
 /// The ingest path the agent POSTs to by default.
 const INGEST_PATH: &str = "/v1/guest-metrics";
@@ -82,11 +90,13 @@ fn main() {
 }
 
 const USAGE: &str =
-    "usage: manager [--listen ADDR:PORT | --unix PATH] [--ndjson FILE] [--token TOKEN]
+    "usage: manager [--listen ADDR:PORT | --unix PATH [--vm-id ID]] [--ndjson FILE] [--token TOKEN] [--key-file FILE]
   --listen ADDR:PORT  where to listen (default 127.0.0.1:18080; port 0 picks one)
   --unix PATH         listen on a Unix socket instead (a Firecracker vsock host side)
   --ndjson FILE       append each new sample to FILE as one JSON line
   --token TOKEN       require Authorization: Bearer TOKEN
+  --key-file FILE     master keys (lines KID HEX): require signed pushes, store only the signer's VM
+  --vm-id ID          with --unix: the VM this socket belongs to; other VMs' samples get 403
 ";
 
 /// The command line.
@@ -95,6 +105,8 @@ struct Options {
     unix: Option<PathBuf>,
     ndjson: Option<PathBuf>,
     token: Option<String>,
+    key_file: Option<PathBuf>,
+    vm_id: Option<String>,
 }
 
 impl Options {
@@ -105,6 +117,8 @@ impl Options {
             unix: None,
             ndjson: None,
             token: None,
+            key_file: None,
+            vm_id: None,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -129,11 +143,16 @@ impl Options {
                     }
                     opts.token = Some(value)
                 }
+                "--key-file" => opts.key_file = Some(PathBuf::from(value)),
+                "--vm-id" => opts.vm_id = Some(value),
                 _ => return Err(format!("unknown argument {flag:?}")),
             }
         }
         if opts.unix.is_some() && args.iter().any(|a| a == "--listen") {
             return Err("--listen and --unix exclude each other".into());
+        }
+        if opts.vm_id.is_some() && opts.unix.is_none() {
+            return Err("--vm-id names the VM of a --unix socket; over TCP the signature names it (--key-file)".into());
         }
         Ok(Some(opts))
     }
@@ -142,6 +161,10 @@ impl Options {
 /// What every connection thread shares.
 struct Shared {
     token: Option<String>,
+    /// Master keys: pushes must be signed (`--key-file`).
+    verifier: Option<Verifier>,
+    /// The only VM this socket accepts samples of (`--unix … --vm-id`).
+    vm_id: Option<String>,
     sink: Sink,
     store: Mutex<Store>,
 }
@@ -264,6 +287,8 @@ pub fn spawn(listen: SocketAddr, sink: Sink) -> Result<SocketAddr, String> {
         unix: None,
         ndjson: None,
         token: None,
+        key_file: None,
+        vm_id: None,
     };
     let (listener, shared) = open(opts, sink)?;
     let addr = match &listener {
@@ -298,8 +323,11 @@ fn open(opts: Options, sink: Sink) -> Result<(Listener, Arc<Shared>), String> {
                 .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?,
         ),
     };
+    let verifier = opts.key_file.as_deref().map(Verifier::load).transpose()?;
     let shared = Arc::new(Shared {
         token: opts.token,
+        verifier,
+        vm_id: opts.vm_id,
         sink,
         store: Mutex::new(Store {
             ingest: Ingest::new(),
@@ -385,6 +413,8 @@ impl Reply {
         let reason = match r.status {
             200 => "OK",
             400 => "Bad Request",
+            401 => "Unauthorized",
+            403 => "Forbidden",
             413 => "Content Too Large",
             422 => "Unprocessable Content",
             _ => "Service Unavailable",
@@ -470,6 +500,8 @@ struct Head {
     chunked: bool,
     expect_continue: bool,
     authorization: Option<Vec<u8>>,
+    /// `Content-Digest`, `Signature-Input` and `Signature`, for the kit.
+    signed: Vec<(String, Vec<u8>)>,
     len: usize,
 }
 
@@ -491,6 +523,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, String> {
         chunked: false,
         expect_continue: false,
         authorization: None,
+        signed: Vec::new(),
         len,
     };
     for h in req.headers.iter() {
@@ -518,6 +551,11 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, String> {
             head.expect_continue = value.eq_ignore_ascii_case("100-continue");
         } else if h.name.eq_ignore_ascii_case("authorization") {
             head.authorization = Some(h.value.to_vec());
+        } else if ["content-digest", "signature-input", "signature"]
+            .iter()
+            .any(|n| h.name.eq_ignore_ascii_case(n))
+        {
+            head.signed.push((h.name.to_string(), h.value.to_vec()));
         }
     }
     Ok(Some(head))
@@ -577,7 +615,7 @@ fn serve(mut conn: Conn, shared: &Shared) -> io::Result<()> {
             }
         }
         let body: Vec<u8> = conn.buf.drain(..length).collect();
-        let reply = ingest(&body, shared);
+        let reply = ingest(&head, &body, shared);
         conn.respond(&reply, !head.keep_alive)?;
         if !head.keep_alive {
             return Ok(());
@@ -631,10 +669,48 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The VM a request speaks for: its signer's (checked on the raw body,
+/// before any parsing) and, over a VM's own socket, that VM's; `None` when
+/// neither is required.
+fn speaks_for(head: &Head, body: &[u8], shared: &Shared) -> Result<Option<String>, Reply> {
+    let signer = match &shared.verifier {
+        Some(v) => {
+            let headers: Vec<(&str, &[u8])> = head
+                .signed
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_slice()))
+                .collect();
+            let signer = v
+                .verify(&head.method, &head.path, &headers, body)
+                .map_err(|r| Reply::from_kit(r.reply()))?;
+            Some(signer.vm_id)
+        }
+        None => None,
+    };
+    match (signer, &shared.vm_id) {
+        (Some(signer), Some(socket)) if signer != *socket => {
+            let refusal = ingest::Refusal {
+                status: ingest::OTHER_VM,
+                reason: format!("signed for {signer:?} on the socket of VM {socket:?}"),
+            };
+            Err(Reply::from_kit(refusal.reply()))
+        }
+        (signer, socket) => Ok(signer.or_else(|| socket.clone())),
+    }
+}
+
 /// Validates a batch with the ingest kit and stores its new samples.
-fn ingest(body: &[u8], shared: &Shared) -> Reply {
+fn ingest(head: &Head, body: &[u8], shared: &Shared) -> Reply {
+    let vm_id = match speaks_for(head, body, shared) {
+        Ok(v) => v,
+        Err(reply) => return reply,
+    };
     let mut store = lock(&shared.store);
-    let batch = match store.ingest.prepare(body) {
+    let prepared = match &vm_id {
+        Some(vm) => store.ingest.prepare_for_vm(body, vm),
+        None => store.ingest.prepare(body),
+    };
+    let batch = match prepared {
         Ok(b) => b,
         Err(refusal) => return Reply::from_kit(refusal.reply()),
     };

@@ -20,6 +20,11 @@
 //! or one the database refuses as data (the agent drops the batch: no retry
 //! could store it); 503 with `Retry-After` when the database cannot be
 //! reached or the transaction fails (the agent keeps the batch and retries).
+//! With `--key-file FILE` (master keys; [`AppState::with_keys`]) a push must
+//! be signed with its VM's key, checked on the raw body first: 401 with the
+//! reason for a missing or wrong signature or digest, 403 for a sample of
+//! another VM than the signer; nothing of such a body is written
+//! (docs/security.md).
 //!
 //! axum, tokio and sqlx are dev-dependencies of this crate: nothing here
 //! reaches the agent's binary.
@@ -38,7 +43,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use guest_agent::ingest::{self, Conflict, Parsed, Refusal, Reply};
+use guest_agent::ingest::{self, Conflict, Parsed, Refusal, Reply, Verifier};
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Connection, Row};
@@ -104,6 +109,9 @@ pub struct AppState {
     pool: PgPool,
     settings: Settings,
     stats: Arc<Stats>,
+    /// Master keys: when set, only signed pushes are stored
+    /// ([`AppState::with_keys`], docs/security.md).
+    verifier: Option<Arc<Verifier>>,
 }
 
 impl AppState {
@@ -114,7 +122,15 @@ impl AppState {
             pool,
             settings,
             stats: Arc::default(),
+            verifier: None,
         }
+    }
+
+    /// The same route requiring every push to be signed with a key derived
+    /// from one of these master keys, and storing only the signer's VM.
+    pub fn with_keys(mut self, verifier: Verifier) -> AppState {
+        self.verifier = Some(Arc::new(verifier));
+        self
     }
 
     /// What has been answered so far.
@@ -212,7 +228,57 @@ fn unprocessable(reason: String) -> Failure {
     })
 }
 
+/// The signature check, before anything parses the body: the VM the
+/// request speaks for (401 with the reason when the signature or digest is
+/// missing or wrong); `None` when the route requires no signature.
+fn signer(
+    state: &AppState,
+    request: &SignedRequest,
+    body: &[u8],
+) -> Result<Option<String>, Failure> {
+    let Some(verifier) = &state.verifier else {
+        return Ok(None);
+    };
+    let fields: Vec<(&str, &[u8])> = request
+        .fields
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_slice()))
+        .collect();
+    verifier
+        .verify(request.method.as_str(), &request.path, &fields, body)
+        .map(|s| Some(s.vm_id))
+        .map_err(|r| {
+            Failure::Refused(Refusal {
+                status: 401,
+                reason: r.reason,
+            })
+        })
+}
+
+/// What the signature covers, taken from the request before its body is
+/// read.
+struct SignedRequest {
+    method: axum::http::Method,
+    path: String,
+    fields: Vec<(String, Vec<u8>)>,
+}
+
+impl SignedRequest {
+    fn of(request: &Request) -> SignedRequest {
+        SignedRequest {
+            method: request.method().clone(),
+            path: request.uri().path().to_string(),
+            fields: request
+                .headers()
+                .iter()
+                .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+                .collect(),
+        }
+    }
+}
+
 async fn read_and_store(state: &AppState, request: Request) -> Result<Reply, Failure> {
+    let signed = SignedRequest::of(&request);
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -227,9 +293,13 @@ async fn read_and_store(state: &AppState, request: Request) -> Result<Reply, Fai
         return Err(Failure::Refused(refusal));
     }
     let body = read_body(request.into_body()).await?;
+    let vm_id = signer(state, &signed, &body)?;
     // Each sample's text goes to the JSONB column as sent, so fields a newer
     // agent adds are kept though this build cannot read them.
     let samples = ingest::parse_text(&body).map_err(Failure::Refused)?;
+    if let Some(vm_id) = &vm_id {
+        ingest::check_vm(samples.iter().map(|p| &p.sample), vm_id).map_err(Failure::Refused)?;
+    }
     let batch = Columns::of(&samples)?;
     let stored = store(&state.pool, &batch).await?;
 
@@ -557,15 +627,18 @@ pub struct Args {
     pub max_connections: u32,
     /// The route's settings (`--retry-after`).
     pub settings: Settings,
+    /// Master keys (`--key-file`): pushes must be signed.
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 const USAGE: &str = "usage: postgres_ingest [--listen ADDR] [--database-url URL] \
-[--max-connections N] [--retry-after SECS]
+[--max-connections N] [--retry-after SECS] [--key-file FILE]
 
   --listen ADDR         address to serve POST /v1/guest-metrics on (127.0.0.1:18080)
   --database-url URL    postgres://USER[:PASSWORD]@HOST[:PORT]/DB (default: $DATABASE_URL)
   --max-connections N   database connections in the pool (8)
-  --retry-after SECS    Retry-After of a 503 when the database fails (5)";
+  --retry-after SECS    Retry-After of a 503 when the database fails (5)
+  --key-file FILE       master keys (lines KID HEX): require signed pushes, store only the signer's VM";
 
 impl Args {
     /// Parses `args` (without the program name); `Err` carries the message
@@ -575,6 +648,7 @@ impl Args {
         let mut database_url = std::env::var("DATABASE_URL").ok();
         let mut max_connections = "8".to_string();
         let mut retry_after = "5".to_string();
+        let mut key_file: Option<String> = None;
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
             let (name, inline) = match arg.split_once('=') {
@@ -589,6 +663,7 @@ impl Args {
                 "--max-connections" => &mut max_connections,
                 "--retry-after" => &mut retry_after,
                 "--database-url" => database_url.insert(String::new()),
+                "--key-file" => key_file.insert(String::new()),
                 _ => return Err(format!("unknown argument {arg:?}\n{USAGE}")),
             };
             *slot = match inline.or_else(|| args.next()) {
@@ -610,6 +685,7 @@ impl Args {
                     .parse()
                     .map_err(|e| format!("--retry-after {retry_after:?}: {e}"))?,
             },
+            key_file: key_file.map(std::path::PathBuf::from),
         })
     }
 }
@@ -631,10 +707,13 @@ pub async fn serve(args: Args) -> Result<(), String> {
             Err(e) => return Err(e),
         }
     }
-    let state = AppState::new(
+    let mut state = AppState::new(
         pool(&args.database_url, args.max_connections)?,
         args.settings,
     );
+    if let Some(path) = &args.key_file {
+        state = state.with_keys(Verifier::load(path)?);
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;

@@ -74,11 +74,51 @@ pub const MAX_RUNS: usize = 1024;
 /// keeps the batch and retries.
 pub const STORE_FAILED: u16 = 503;
 
+/// The status for a sample of another VM than the one that signed the
+/// request (or that the vsock socket belongs to): nothing is stored, and
+/// the agent keeps the batch (docs/security.md#verification).
+pub const OTHER_VM: u16 = 403;
+
+pub use crate::sign::verify::{Rejection, Signer, Verifier};
+
+impl Rejection {
+    /// The response to send: 401 with the reason.
+    pub fn reply(&self) -> Reply {
+        Reply::json(
+            crate::sign::verify::UNAUTHORIZED,
+            &serde_json::json!({ "error": self.reason }),
+        )
+    }
+}
+
+/// Holds every sample to `vm_id`, the VM that signed the request (or whose
+/// vsock socket it came in on): 403 naming the first sample that claims
+/// another VM, or none.
+pub fn check_vm<'a>(
+    samples: impl IntoIterator<Item = &'a Sample>,
+    vm_id: &str,
+) -> Result<(), Refusal> {
+    for (i, s) in samples.into_iter().enumerate() {
+        if s.vm_id.as_deref() != Some(vm_id) {
+            return Err(Refusal {
+                status: OTHER_VM,
+                reason: format!(
+                    "sample {i}: vm_id {:?} is not {vm_id:?}, the VM this request speaks for",
+                    s.vm_id.as_deref().unwrap_or("null")
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A body refused for its payload, with the status the delivery contract
-/// gives it (400, 413 or 422: the agent drops the batch).
+/// gives it (400, 413 or 422: the agent drops the batch), or 403 for a
+/// sample of another VM ([`check_vm`]: the agent keeps the batch).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
-    /// 400 malformed, 413 too large, 422 a schema this version does not know.
+    /// 400 malformed, 413 too large, 422 a schema this version does not
+    /// know, 403 another VM's sample.
     pub status: u16,
     /// What is wrong, naming the sample's index where there is one.
     pub reason: String,
@@ -534,9 +574,20 @@ impl Ingest {
         &self.dedup
     }
 
+    /// [`Ingest::prepare`] for a request that speaks for one VM (its
+    /// signer's, or its vsock socket's): a body with any sample of another
+    /// VM is refused whole with 403 ([`check_vm`]), duplicates included.
+    pub fn prepare_for_vm(&self, body: &[u8], vm_id: &str) -> Result<Batch, Refusal> {
+        self.prepare_checked(body, Some(vm_id))
+    }
+
     /// Parses, validates and sorts a POST body; nothing is remembered until
     /// [`Ingest::commit`].
     pub fn prepare(&self, body: &[u8]) -> Result<Batch, Refusal> {
+        self.prepare_checked(body, None)
+    }
+
+    fn prepare_checked(&self, body: &[u8], vm_id: Option<&str>) -> Result<Batch, Refusal> {
         let mut batch = Batch {
             fresh: Vec::new(),
             duplicates: 0,
@@ -545,7 +596,11 @@ impl Ingest {
         };
         // Pairs earlier in this same body count as seen.
         let mut in_body: HashMap<(String, u64), u64> = HashMap::new();
-        for r in parse_received(body)? {
+        let received = parse_received(body)?;
+        if let Some(vm_id) = vm_id {
+            check_vm(received.iter().map(|r| &r.sample), vm_id)?;
+        }
+        for r in received {
             let (run_id, seq) = (&r.sample.run_id, r.sample.seq);
             let verdict = match in_body.get(&(run_id.clone(), seq)) {
                 Some(&fp) if fp == r.fingerprint => Verdict::Duplicate,
@@ -739,6 +794,27 @@ mod tests {
         let reply = ing.prepare(b"[]").unwrap_err().reply();
         let v: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
         assert!(v["error"].as_str().unwrap().contains("no samples"));
+    }
+
+    #[test]
+    fn a_body_for_one_vm_holds_only_that_vms_samples() {
+        let mut ing = Ingest::new();
+        let mine = body(&[sample("r", 1, 1.0)]);
+        assert_eq!(
+            ing.prepare_for_vm(&mine, "vm-1").unwrap().fresh().count(),
+            1
+        );
+        let e = ing.prepare_for_vm(&mine, "vm-2").unwrap_err();
+        assert_eq!(e.status, 403);
+        assert!(e.reason.contains("\"vm-1\" is not \"vm-2\""), "{e}");
+        // A duplicate of another VM's sample is refused too, and nothing
+        // of a refused body is remembered.
+        ing.receive(&mine).unwrap();
+        assert_eq!(ing.prepare_for_vm(&mine, "vm-2").unwrap_err().status, 403);
+        let mut none = sample("r", 2, 1.0);
+        none["vm_id"] = serde_json::Value::Null;
+        let e = ing.prepare_for_vm(&body(&[none]), "vm-1").unwrap_err();
+        assert!(e.reason.contains("null"), "{e}");
     }
 
     #[test]

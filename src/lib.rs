@@ -28,6 +28,7 @@ pub mod error;
 mod logging;
 mod notify;
 pub mod sample;
+pub mod sign;
 mod stop;
 // The stages, each above those before it.
 pub mod collect;

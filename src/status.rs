@@ -412,7 +412,9 @@ pub struct Health {
     pub buffer_max_bytes: usize,
     /// Samples dropped because the buffer was full.
     pub dropped: u64,
-    /// Samples whose payload the manager refused (400, 413, 422).
+    /// Samples whose payload the manager refused (400, 413, 422), and,
+    /// with a signing key, a snapshot parent's samples this VM cannot sign
+    /// for (docs/security.md).
     pub rejected: u64,
     /// Data points an OTLP receiver refused in batches it otherwise took.
     pub rejected_data_points: u64,

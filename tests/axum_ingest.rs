@@ -16,7 +16,10 @@ use common::{AgentProcess, wait_until};
 
 /// Serves the example's router on 127.0.0.1:0 on its own runtime thread.
 fn serve() -> (SocketAddr, AppState) {
-    let state = AppState::default();
+    serve_state(AppState::default())
+}
+
+fn serve_state(state: AppState) -> (SocketAddr, AppState) {
     let app = axum_ingest::router(state.clone());
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
@@ -126,4 +129,75 @@ fn a_newer_agents_body_is_accepted_and_outcomes_map_to_statuses() {
     assert_eq!(post(addr, b"{\"not\": \"an array\"}").0, 400);
     let too_big = vec![b' '; guest_agent::ingest::MAX_BODY + 1];
     assert_eq!(post(addr, &too_big).0, 413);
+}
+
+#[test]
+fn with_master_keys_only_the_signers_samples_are_stored() {
+    use guest_agent::ingest::Verifier;
+    use guest_agent::sign::{self, Key};
+    use std::os::unix::fs::PermissionsExt;
+
+    let master = Key::new("k1", [5; 32]).unwrap();
+    let verifier = Verifier::from_lines(&master.to_line()).unwrap();
+    let state = std::sync::Arc::new(std::sync::Mutex::new(axum_ingest::Store::with_keys(
+        verifier,
+    )));
+    let (addr, state) = serve_state(state);
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("vm.key");
+    std::fs::write(&key_file, master.derive("vm-s").to_line()).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let url = format!("http://{addr}/v1/guest-metrics");
+    let agent = AgentProcess::start(&[
+        "--url",
+        &url,
+        "--interval",
+        "200ms",
+        "--vm-id",
+        "vm-s",
+        "--key-file",
+        key_file.to_str().unwrap(),
+    ]);
+    wait_until(60, "two signed samples stored for vm-s", || {
+        axum_ingest::latest(&state, "vm-s").is_some_and(|s| s.seq >= 2)
+    });
+    agent.signal("TERM");
+    let (status, log) = agent.wait(30);
+    assert!(status.success(), "{log}");
+    assert!(!log.contains("push failed"), "{log}");
+
+    // Unsigned: 401. Signed by vm-s for a body of vm-x: 403, nothing stored.
+    let body = std::process::Command::new(env!("CARGO_BIN_EXE_guest-agent"))
+        .args(["--once", "--config", "/nonexistent", "--url", "off"])
+        .args(["--vm-id", "vm-x", "--proc-root", &common::fixture_root()])
+        .output()
+        .unwrap()
+        .stdout;
+    let sample: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let body = serde_json::to_vec(&[sample]).unwrap();
+    let (status, why) = post(addr, &body);
+    assert_eq!(status, 401, "{why}");
+    let h = sign::sign(
+        &master.derive("vm-s"),
+        "vm-s",
+        "POST",
+        "/v1/guest-metrics",
+        &body,
+        1,
+    );
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let r = agent
+        .post(format!("http://{addr}/v1/guest-metrics"))
+        .header("Content-Type", "application/json")
+        .header("Content-Digest", &h.content_digest)
+        .header("Signature-Input", &h.signature_input)
+        .header("Signature", &h.signature)
+        .send(&body[..])
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    assert!(axum_ingest::latest(&state, "vm-x").is_none());
 }

@@ -65,6 +65,15 @@ struct Route {
 impl Route {
     /// Migrates and serves on `addr` (port 0 for a free one).
     fn start(addr: SocketAddr, database_url: &str) -> Route {
+        Route::start_keyed(addr, database_url, None)
+    }
+
+    /// [`Route::start`], requiring pushes signed under these master keys.
+    fn start_keyed(
+        addr: SocketAddr,
+        database_url: &str,
+        keys: Option<guest_agent::ingest::Verifier>,
+    ) -> Route {
         // Coming back on the port the agent targets: std sets SO_REUSEADDR,
         // so the old connections' TIME_WAIT does not block the bind.
         let listener = std::net::TcpListener::bind(addr).unwrap();
@@ -82,12 +91,15 @@ impl Route {
             rt.block_on(async move {
                 postgres_ingest::migrate(&url).await.unwrap();
                 let pool = postgres_ingest::pool(&url, 4).unwrap();
-                let state = AppState::new(
+                let mut state = AppState::new(
                     pool,
                     Settings {
                         retry_after_secs: 1,
                     },
                 );
+                if let Some(keys) = keys {
+                    state = state.with_keys(keys);
+                }
                 let app = postgres_ingest::router(state.clone());
                 ready_tx.send(state).unwrap();
                 let l = tokio::net::TcpListener::from_std(listener).unwrap();
@@ -535,4 +547,116 @@ fn bodies_the_database_cannot_take_are_refused_and_store_nothing() {
     let (status, _, counts) = post(&route.url(), &serde_json::to_vec(&[&good]).unwrap());
     assert_eq!((status, &counts["accepted"]), (200, &1.into()), "{counts}");
     assert_eq!(db.totals(), (1, 1));
+}
+
+/// POSTs `body` with `headers`: the status and the JSON answer.
+fn post_with(url: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, serde_json::Value) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .proxy(None)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut req = agent.post(url).header("Content-Type", "application/json");
+    for (n, v) in headers {
+        req = req.header(*n, *v);
+    }
+    let mut r = req.send(body).unwrap();
+    let text = r.body_mut().read_to_vec().unwrap();
+    (
+        r.status().as_u16(),
+        serde_json::from_slice(&text).unwrap_or_default(),
+    )
+}
+
+#[test]
+fn with_master_keys_only_signed_samples_of_the_signer_become_rows() {
+    use guest_agent::ingest::Verifier;
+    use guest_agent::sign::{self, Key};
+    use std::os::unix::fs::PermissionsExt;
+
+    let Some(server) = postgres() else { return };
+    let master = Key::new("k1", [3; 32]).unwrap();
+    let route = Route::start_keyed(
+        "127.0.0.1:0".parse().unwrap(),
+        &server.url(),
+        Some(Verifier::from_lines(&master.to_line()).unwrap()),
+    );
+    let db = Db::connect(&server.url());
+    let vm = "5d0c4b7e-1a2b-4c3d-8e9f-0a1b2c3d4e5f";
+    let other = "6e1d5c8f-2b3c-4d4e-9f0a-1b2c3d4e5f60";
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("vm.key");
+    std::fs::write(&key_file, master.derive(vm).to_line()).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let agent = AgentProcess::start(&[
+        "--url",
+        &route.url(),
+        "--interval",
+        "200ms",
+        "--vm-id",
+        vm,
+        "--key-file",
+        key_file.to_str().unwrap(),
+    ]);
+    wait_until(120, "three signed samples stored", || {
+        db.seqs(vm).len() >= 3
+    });
+    let log = agent.terminate(30);
+    assert!(
+        !log.contains("HTTP 401") && !log.contains("HTTP 403"),
+        "{log}"
+    );
+    assert_complete_run(&db, vm);
+    let before = db.totals();
+
+    // Samples of another VM, from the agent's own --once.
+    let once = |vm_id: &str, run: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_guest-agent"))
+            .args(["--once", "--config", "/nonexistent", "--url", "off"])
+            .args(["--vm-id", vm_id, "--proc-root", &common::fixture_root()])
+            .output()
+            .unwrap();
+        let mut s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        s["run_id"] = run.into();
+        serde_json::to_vec(&[s]).unwrap()
+    };
+    let path = "/v1/guest-metrics";
+    let key = master.derive(vm);
+    let headers = |h: &sign::Headers| {
+        [
+            ("Content-Digest", h.content_digest.clone()),
+            ("Signature-Input", h.signature_input.clone()),
+            ("Signature", h.signature.clone()),
+        ]
+    };
+    let send = |h: &[(&str, String); 3], body: &[u8]| {
+        let h: Vec<(&str, &str)> = h.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        post_with(&route.url(), &h, body)
+    };
+    // Signed by vm, claiming other: 403.
+    let forged = once(other, "forged-run");
+    let (status, why) = send(
+        &headers(&sign::sign(&key, vm, "POST", path, &forged, 1)),
+        &forged,
+    );
+    assert_eq!(status, 403, "{why}");
+    // Changed after signing: 401. Unsigned: 401.
+    let mine = once(vm, "raw-run");
+    let h = headers(&sign::sign(&key, vm, "POST", path, &mine, 1));
+    let mut changed = mine.clone();
+    changed.push(b' ');
+    assert_eq!(send(&h, &changed).0, 401);
+    assert_eq!(post_with(&route.url(), &[], &mine).0, 401);
+    assert_eq!(db.totals(), before, "nothing of a refused body is stored");
+    assert!(db.seqs(other).is_empty());
+    // The same signed request twice: one row.
+    assert_eq!(send(&h, &mine).0, 200);
+    let (status, counts) = send(&h, &mine);
+    assert_eq!(
+        (status, &counts["duplicates"]),
+        (200, &1.into()),
+        "{counts}"
+    );
+    assert_eq!(db.totals(), (before.0 + 1, before.1 + 1));
 }

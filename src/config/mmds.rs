@@ -41,7 +41,14 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
 pub const TOKEN_TTL_SECONDS: u32 = 60;
 
 /// Settings MMDS may not set: where the agent reads its own sources from.
-const NOT_FROM_MMDS: [&str; 5] = ["proc_root", "sys_root", "mmds", "kmsg", "token_file"];
+const NOT_FROM_MMDS: [&str; 6] = [
+    "proc_root",
+    "sys_root",
+    "mmds",
+    "kmsg",
+    "token_file",
+    "key_file",
+];
 
 /// The settings found under [`KEY`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -12,6 +12,7 @@
 pub mod cli;
 pub mod cmdline;
 pub mod file;
+pub mod key;
 pub mod mmds;
 pub mod settings;
 
@@ -99,7 +100,7 @@ impl fmt::Debug for Secret {
 }
 
 /// The value a setting ended with and where it came from.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Origin {
     /// The setting.
     pub setting: &'static Setting,
@@ -107,6 +108,22 @@ pub struct Origin {
     pub value: Option<String>,
     /// Its source.
     pub source: Source,
+}
+
+impl fmt::Debug for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A secret's value (token, key) is never shown, not even in a
+        // debug print of the configuration.
+        let value = match (&self.value, self.setting.secret) {
+            (Some(_), true) => Some("<hidden>"),
+            (v, _) => v.as_deref(),
+        };
+        f.debug_struct("Origin")
+            .field("setting", &self.setting.name)
+            .field("value", &value)
+            .field("source", &self.source)
+            .finish()
+    }
 }
 
 /// The validated settings of one agent process.
@@ -146,6 +163,8 @@ pub struct Config {
     pub mmds: Option<SocketAddr>,
     /// The kernel log watched for snapshot restores; `None` when off.
     pub kmsg: Option<PathBuf>,
+    /// The VM's signing key, from `key` or `key_file` (docs/security.md).
+    pub key: Option<key::KeyConfig>,
     /// Every setting's final value and source, in table order.
     pub origins: Vec<Origin>,
     /// Bad values from the environment, cmdline or file (each was skipped).
@@ -338,6 +357,7 @@ fn build(origins: Vec<Origin>, errors: Vec<String>, warnings: Vec<String>) -> Re
     let mut errors = errors;
     let mut warnings = warnings;
     let token = token(&origins, &mut errors, &mut warnings)?;
+    let key = key::resolve(&origins, get("vm_id"), &mut errors, &mut warnings)?;
     let proc_root = PathBuf::from(get("proc_root").unwrap_or("/proc"));
     Ok(Config {
         buffer_max_bytes: buffer_max_bytes(&proc_root),
@@ -365,6 +385,7 @@ fn build(origins: Vec<Origin>, errors: Vec<String>, warnings: Vec<String>) -> Re
         mmds: settings::parse_mmds(get("mmds").unwrap_or("off"))
             .map_err(|e| internal("mmds", e))?,
         kmsg: get("kmsg").filter(|k| *k != "off").map(PathBuf::from),
+        key,
         origins: origins.clone(),
         errors,
         warnings,
@@ -494,6 +515,18 @@ impl Config {
                         )
                         .into(),
                     );
+                }
+            }
+            // The key in use (key or key_file): its id and source, never
+            // its digits.
+            if o.setting.name == "key"
+                && let Some(k) = &self.key
+            {
+                entry.insert("value".into(), "set".into());
+                entry.insert("source".into(), k.source().as_str().into());
+                entry.insert("kid".into(), k.key.kid().into());
+                if let key::KeyFrom::File(path, _) = &k.from {
+                    entry.insert("key_file".into(), path.display().to_string().into());
                 }
             }
             if o.setting.name == "url" {

@@ -225,6 +225,25 @@ pub const SETTINGS: &[Setting] = &[
         help: "kernel log watched for snapshot restores (VMGenID); off disables the detection",
         check: check_kmsg,
     },
+    // The VM's own signing key (docs/security.md).
+    Setting {
+        name: "key",
+        value_name: "KID HEX",
+        default: None,
+        on_cmdline: true,
+        secret: true,
+        help: "this VM's key (KID and 64 hex digits): every request to the manager is signed; never printed (prefer MMDS or key_file)",
+        check: check_key,
+    },
+    Setting {
+        name: "key_file",
+        value_name: "PATH",
+        default: None,
+        on_cmdline: true,
+        secret: false,
+        help: "a file (mode 0600) holding the line KID HEX; beats key from a lower source",
+        check: check_path,
+    },
 ];
 
 /// The row of `name`.
@@ -369,6 +388,10 @@ fn check_mmds(v: &str) -> Result<(), String> {
     parse_mmds(v).map(|_| ())
 }
 
+fn check_key(v: &str) -> Result<(), String> {
+    crate::sign::Key::parse_line(v).map(|_| ())
+}
+
 fn check_kmsg(v: &str) -> Result<(), String> {
     if v.is_empty() {
         return Err("a path such as /dev/kmsg, or off".into());
@@ -399,6 +422,7 @@ mod tests {
 
     #[test]
     fn values_accepted_and_refused() {
+        let key_line = format!("k1 {}", "0".repeat(64));
         let cases: &[(&str, &str, bool)] = &[
             ("interval", "500ms", true),
             ("interval", "1m", true),
@@ -452,6 +476,10 @@ mod tests {
             ("sys_root", "/nonexistent/sys", false),
             ("token_file", "/run/secrets/token", true),
             ("token_file", "", false),
+            ("key", key_line.as_str(), true),
+            ("key", "k1 00", false),
+            ("key", "k1", false),
+            ("key_file", "/etc/guest-agent.key", true),
         ];
         for (name, value, ok) in cases {
             let r = (setting(name).unwrap().check)(value);

@@ -19,6 +19,7 @@ use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue};
 use super::backoff::{BACKOFF_CAP, Backoff, parse_retry_after};
 use super::buffer::{Batch, Buffer};
 use crate::collect::route;
+use crate::config::key::Signing;
 use crate::config::{Config, Format};
 use crate::net::address::source_address;
 use crate::net::client::{Client, Error as ClientError};
@@ -98,6 +99,12 @@ pub struct Sender {
     /// it had: the collection thread sends nothing itself until the sender's
     /// thread has had an answer within half of it.
     too_slow_for: Option<Duration>,
+    /// The VM's key, when pushes are signed (docs/security.md).
+    signing: Option<Signing>,
+    /// Set by a 401 or a restore: the sender's thread reads the key again
+    /// before its next request (the collection thread sends nothing until
+    /// then: reading MMDS may take its whole timeout).
+    reload_key: bool,
 }
 
 impl Sender {
@@ -129,10 +136,13 @@ impl Sender {
             headers.push((AUTHORIZATION, v));
         }
         let restores = status.restores();
+        let signing = Signing::new(config);
+        let mut client = Client::for_peer(peer, config.timeout);
+        client.sign_with(signing.as_ref().map(|s| s.credentials.clone()));
         Some(Sender {
             status,
             buffer,
-            client: Client::for_peer(peer, config.timeout),
+            client,
             template,
             proc_root: config.proc_root.clone(),
             format: config.format,
@@ -150,6 +160,8 @@ impl Sender {
             said_partial: false,
             said_unreadable: false,
             too_slow_for: None,
+            signing,
+            reload_key: false,
         })
     }
 
@@ -191,6 +203,11 @@ impl Sender {
     /// that may come before it: a restore, a new route, a name lookup.
     fn attempt(&mut self, batch: Batch<'_>) {
         self.after_restore();
+        self.reload_key_if_refused();
+        let buffer = self.buffer.clone();
+        let Some(batch) = self.for_one_vm(batch, &buffer) else {
+            return;
+        };
         let delay = match self.refresh_target(true) {
             None => {
                 drop(batch);
@@ -222,6 +239,7 @@ impl Sender {
             && !self.resolve_again
             && self.retry_at.is_none_or(|at| at <= now)
             && self.too_slow_for.is_none()
+            && !self.reload_key
             && self.status.restores() == self.restores
     }
 
@@ -278,7 +296,73 @@ impl Sender {
         self.client.disconnect();
         self.resolve_again = true;
         self.backoff.reset();
+        // A clone gets its own key (and maybe id) from MMDS.
+        self.reload_key = self.signing.is_some();
         log::info!("restored from a snapshot: new connections, route looked up again");
+    }
+
+    /// After the manager refused a signature (or a restore): the key is
+    /// read again from MMDS or the key file before the next request, so a
+    /// key rotated on both sides lets pushes resume with nothing lost
+    /// (docs/security.md#rotation).
+    fn reload_key_if_refused(&mut self) {
+        if !std::mem::take(&mut self.reload_key) {
+            return;
+        }
+        let Some(signing) = &self.signing else {
+            return;
+        };
+        match signing.reload() {
+            Ok(true) => log::info!(
+                "signing key read again: now key {} for vm_id {}",
+                signing.credentials.kid(),
+                signing.credentials.vm_id()
+            ),
+            Ok(false) => log::debug!("signing key read again: unchanged"),
+            Err(e) => log::warn!("reading the signing key again: {e}; keeping the one in use"),
+        }
+    }
+
+    /// With signing, one request speaks for one VM: a batch is cut before
+    /// the first sample whose `vm_id` differs from its first one. Samples
+    /// of an earlier run that carry another `vm_id` than the one signed for
+    /// are a snapshot parent's, buffered before the restore made this VM a
+    /// clone with its own id: this VM holds no key for them and can never
+    /// deliver them to a manager that checks signatures, so they are
+    /// dropped, counted as rejected and logged (the parent, or the
+    /// snapshot's other clones, deliver the same samples). `None` when
+    /// nothing is left to send now.
+    fn for_one_vm<'b>(&mut self, batch: Batch<'b>, buffer: &'b Buffer) -> Option<Batch<'b>> {
+        let Some(signing) = &self.signing else {
+            return Some(batch);
+        };
+        let samples = batch.samples();
+        let first = samples.first()?;
+        let n = samples
+            .iter()
+            .take_while(|s| s.vm_id == first.vm_id)
+            .count();
+        let signer = signing.credentials.vm_id();
+        let parents =
+            first.vm_id.as_deref() != Some(signer.as_str()) && first.restore_count < self.restores;
+        if !parents && n == samples.len() {
+            return Some(batch);
+        }
+        let parent_id = first.vm_id.clone().unwrap_or_default();
+        drop(batch);
+        let part = buffer.batch(n, Some(Instant::now()));
+        if !parents || part.is_empty() {
+            return Some(part).filter(|b| !b.is_empty());
+        }
+        let (from, to) = part.seqs();
+        let removed = part.remove();
+        let msg = format!(
+            "{removed} samples (seq {from}..={to}) of vm_id {parent_id:?}, buffered before the snapshot restore, \
+             cannot be signed by this VM (vm_id {signer:?}); dropped (the VM they came from delivers them)"
+        );
+        log::warn!("{msg}");
+        self.status.refused(removed as u64, msg);
+        None
     }
 
     /// The push target, looked up again after a connection failure. A host
@@ -388,6 +472,24 @@ impl Sender {
                     }
                     Outcome::Delivered
                 }
+                // A refused signature, or samples of another VM: kept and
+                // retried (docs/security.md); after a 401 the key is read
+                // again first. Without a key, an OTLP receiver's 401 keeps
+                // the OTLP rule below (a token that is wrong).
+                status @ (401 | 403) if !otlp || self.signing.is_some() => {
+                    // A 403 may come from a vm_id the key no longer matches
+                    // (a clone whose MMDS changed): read both again too.
+                    self.reload_key = self.signing.is_some();
+                    Outcome::Retry {
+                        error: format!(
+                            "{url}: HTTP {status}: {}",
+                            refusal_reason(self.client.body())
+                        ),
+                        retry_after: answer.retry_after.as_deref().and_then(parse_retry_after),
+                        transport: false,
+                        timed_out: false,
+                    }
+                }
                 // OTLP/HTTP: only these are worth a retry; any other
                 // refusal would be refused again (docs/backends.md#opentelemetry).
                 429 | 502 | 503 | 504 if otlp => Outcome::Retry {
@@ -415,6 +517,11 @@ impl Sender {
                 transport: true,
             },
         }
+    }
+
+    /// Whether the sender reads its key again before its next request.
+    pub fn reloads_key(&self) -> bool {
+        self.reload_key
     }
 
     /// An OTLP receiver's 200 may still refuse some data points: they are
@@ -552,5 +659,43 @@ impl Sender {
                 return;
             }
         }
+    }
+}
+
+/// The reason a manager gave for a refusal: the ingest kit's
+/// `{"error": "…"}`, or the start of whatever else it sent.
+pub fn refusal_reason(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Refused {
+        error: String,
+    }
+    let text = match serde_json::from_slice::<Refused>(body) {
+        Ok(r) => r.error,
+        Err(_) => String::from_utf8_lossy(body).into_owned(),
+    };
+    let text: String = text
+        .chars()
+        .take(200)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    match text.trim() {
+        "" => "no reason given".into(),
+        t => t.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refusal_reason;
+
+    #[test]
+    fn a_refusal_reason_is_the_kits_error_or_the_start_of_the_body() {
+        assert_eq!(
+            refusal_reason(br#"{"error":"signature: none (no Signature-Input)"}"#),
+            "signature: none (no Signature-Input)"
+        );
+        assert_eq!(refusal_reason(b"forbidden\r\nmore"), "forbidden  more");
+        assert_eq!(refusal_reason(b""), "no reason given");
+        assert_eq!(refusal_reason(&[b'x'; 500]).len(), 200);
     }
 }

@@ -28,6 +28,7 @@ use ureq::unversioned::transport::NextTimeout;
 
 use super::transport::{StreamConnector, TcpConnect};
 use super::url::{Peer, Target};
+use crate::sign::Credentials;
 
 /// Most bytes of an answer's body read: to keep the connection (a push
 /// throws them away) or for the caller ([`Client::body`]).
@@ -192,6 +193,9 @@ pub struct Client {
     timeout: Duration,
     names: Names,
     body: Vec<u8>,
+    /// When set, every request carries `Content-Digest` and a signature
+    /// (docs/security.md): made here, once, whatever the transport.
+    credentials: Option<Arc<Credentials>>,
 }
 
 impl fmt::Debug for Client {
@@ -231,7 +235,13 @@ impl Client {
             timeout,
             names,
             body: Vec::new(),
+            credentials: None,
         }
+    }
+
+    /// Signs every request from now on with `credentials`.
+    pub fn sign_with(&mut self, credentials: Option<Arc<Credentials>>) {
+        self.credentials = credentials;
     }
 
     /// Drops the kept connection: after a snapshot restore it belongs to
@@ -285,9 +295,13 @@ impl Client {
     ) -> Result<Answer, Error> {
         let timeout = timeout.unwrap_or(self.timeout);
         self.body.clear();
+        let signed = match &self.credentials {
+            Some(c) => signed_headers(c, &method, target, body.unwrap_or_default())?,
+            None => Vec::new(),
+        };
         let answer = match body {
-            Some(b) => self.run(request(method, target, headers, b), timeout),
-            None => self.run(request(method, target, headers, ()), timeout),
+            Some(b) => self.run(request(method, target, headers, &signed, b), timeout),
+            None => self.run(request(method, target, headers, &signed, ()), timeout),
         };
         answer.map_err(|e| match e {
             ureq::Error::Timeout(_) => Error::Timeout(timeout),
@@ -369,17 +383,45 @@ fn header_values(
         .collect()
 }
 
+/// `Content-Digest`, `Signature-Input` and `Signature` for a request.
+fn signed_headers(
+    credentials: &Credentials,
+    method: &Method,
+    target: &Target,
+    body: &[u8],
+) -> Result<Vec<(HeaderName, HeaderValue)>, Error> {
+    let h = credentials.sign(method.as_str(), target.uri.path(), body);
+    let value = |name: &str, v: String| {
+        HeaderValue::try_from(v).map_err(|_| Error::Io(format!("header {name}: not a valid value")))
+    };
+    Ok(vec![
+        (
+            HeaderName::from_static("content-digest"),
+            value("content-digest", h.content_digest)?,
+        ),
+        (
+            HeaderName::from_static("signature-input"),
+            value("signature-input", h.signature_input)?,
+        ),
+        (
+            HeaderName::from_static("signature"),
+            value("signature", h.signature)?,
+        ),
+    ])
+}
+
 fn request<B>(
     method: Method,
     target: &Target,
     headers: &[(HeaderName, HeaderValue)],
+    signed: &[(HeaderName, HeaderValue)],
     body: B,
 ) -> Request<B> {
     let mut req = Request::new(body);
     *req.method_mut() = method;
     *req.uri_mut() = target.uri.clone();
     let h = req.headers_mut();
-    for (name, value) in headers {
+    for (name, value) in headers.iter().chain(signed) {
         h.insert(name.clone(), value.clone());
     }
     req
@@ -806,6 +848,34 @@ mod tests {
             head.contains("\r\nauthorization: bearer t0ken\r\n"),
             "{head}"
         );
+    }
+
+    #[test]
+    fn a_signing_client_signs_over_a_stream_socket_what_it_sends() {
+        use crate::sign::verify::Verifier;
+        use crate::sign::{Credentials, Key};
+        let master = Key::new("k1", [4; 32]).unwrap();
+        let verifier = Verifier::from_lines(&master.to_line()).unwrap();
+        let (_dir, path) = socket_path();
+        let seen = serve_unix(&path, After::Keep);
+        let mut c = unix_client(&path);
+        c.sign_with(Some(Credentials::new("vm-v", master.derive("vm-v"))));
+        for body in ["[1]", "[22]"] {
+            assert_eq!(post_vsock(&mut c, body).unwrap(), 204);
+            let got = seen.recv_timeout(LONG).unwrap();
+            let (head, sent) = got.head.split_once("\r\n\r\n").unwrap();
+            assert_eq!(sent, body);
+            let mut lines = head.split("\r\n");
+            let request_line: Vec<&str> = lines.next().unwrap().split(' ').collect();
+            let headers: Vec<(&str, &[u8])> = lines
+                .filter_map(|l| l.split_once(": "))
+                .map(|(n, v)| (n, v.as_bytes()))
+                .collect();
+            let signer = verifier
+                .verify(request_line[0], request_line[1], &headers, sent.as_bytes())
+                .unwrap();
+            assert_eq!(signer.vm_id, "vm-v");
+        }
     }
 
     #[test]

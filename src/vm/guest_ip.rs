@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::collect::route;
 use crate::config::Config;
+use crate::config::key::Signing;
 use crate::net::address::source_address;
 use crate::net::client::Client;
 use crate::net::url::{Target, UrlTemplate};
@@ -82,6 +83,11 @@ pub struct Reporter {
     /// A restore was seen and its first sample (with the clone's `vm_id`)
     /// is awaited before reporting again.
     restore_pending: bool,
+    /// The VM's key, when reports are signed (docs/security.md).
+    signing: Option<Signing>,
+    /// Set by a 401 or a restore: the key is read again before the next
+    /// report.
+    reload_key: bool,
 }
 
 impl Reporter {
@@ -95,12 +101,15 @@ impl Reporter {
             );
             return None;
         };
+        let signing = Signing::new(config);
+        let mut client = Client::tcp(config.timeout);
+        client.sign_with(signing.as_ref().map(|s| s.credentials.clone()));
         Some(Reporter {
             status,
             template,
             vm_id,
             proc_root: config.proc_root.clone(),
-            client: Client::tcp(config.timeout),
+            client,
             manager: None,
             current: None,
             reported: None,
@@ -108,6 +117,8 @@ impl Reporter {
             said_no_route: false,
             restores: 0,
             restore_pending: false,
+            signing,
+            reload_key: false,
         })
     }
 
@@ -139,6 +150,7 @@ impl Reporter {
             self.client.disconnect();
             self.manager = None;
             self.reported = None;
+            self.reload_key = self.signing.is_some();
         }
         if !self.restore_pending {
             return;
@@ -175,6 +187,12 @@ impl Reporter {
 
     /// One report: find the manager and the guest's address toward it, POST.
     fn attempt(&mut self) {
+        if std::mem::take(&mut self.reload_key)
+            && let Some(signing) = &self.signing
+            && let Err(e) = signing.reload()
+        {
+            log::warn!("guest address report: reading the signing key again: {e}");
+        }
         let url = match self.resolve() {
             Ok(url) => url,
             Err(why) => {
@@ -260,6 +278,13 @@ impl Reporter {
         let text = String::from_utf8_lossy(self.client.body());
         match answer.status {
             200..=299 => Ok(()),
+            status @ (401 | 403) => {
+                self.reload_key = status == 401 && self.signing.is_some();
+                Err(format!(
+                    "{url}: HTTP {status}: {}",
+                    crate::deliver::push::refusal_reason(self.client.body())
+                ))
+            }
             status @ (400 | 404 | 422) => Err(format!(
                 "{url}: HTTP {status} {}: does the manager know this VM as {:?}?",
                 text.chars().take(200).collect::<String>().trim(),
