@@ -853,3 +853,50 @@ fn a_database_with_the_unpartitioned_tables_keeps_its_rows() {
         .unwrap();
     assert_eq!(kinds, vec!["p", "p"]);
 }
+
+#[test]
+fn without_the_jsonb_copy_resends_and_conflicts_are_still_told_apart() {
+    let Some(server) = postgres() else { return };
+    let route = Route::start_with(
+        "127.0.0.1:0".parse().unwrap(),
+        &server.url(),
+        Settings {
+            retry_after_secs: 1,
+            jsonb_copy: false,
+            ..Settings::default()
+        },
+    );
+    let db = Db::connect(&server.url());
+    let vm = "c0718293-a4b5-4c0d-9132-5d6e7f8a9b10";
+    let first = sample_at(vm, "run-keys", 1, now_ms());
+    let second = sample_at(vm, "run-keys", 2, now_ms());
+    let body = serde_json::to_vec(&[&first, &second]).unwrap();
+    let (status, _, counts) = post(&route.url(), &body);
+    assert_eq!((status, &counts["accepted"]), (200, &2.into()), "{counts}");
+    assert_eq!(
+        db.count("SELECT count(*) FROM metrics.guest_samples WHERE sample IS NULL AND fingerprint IS NOT NULL"),
+        2
+    );
+    // The same body again, its keys in another order and indented: the
+    // same payload, a duplicate.
+    let mut reordered = serde_json::Map::new();
+    for (k, v) in first.as_object().unwrap().iter().rev() {
+        reordered.insert(k.clone(), v.clone());
+    }
+    let (status, _, counts) = post(
+        &route.url(),
+        &serde_json::to_vec_pretty(&[&reordered]).unwrap(),
+    );
+    assert_eq!(
+        (status, &counts["duplicates"], &counts["conflicts"]),
+        (200, &1.into(), &serde_json::json!([])),
+        "{counts}"
+    );
+    let mut other = first.clone();
+    other["cpu_usage_percent"] = 99.5.into();
+    let (status, _, counts) = post(&route.url(), &serde_json::to_vec(&[&other]).unwrap());
+    assert_eq!(status, 200);
+    assert_eq!(counts["conflicts"][0]["seq"], 1, "{counts}");
+    assert_eq!(db.metrics(vm).len(), 2);
+    assert_ne!(db.metrics(vm)[0].cpu_usage_percent, Some(99.5));
+}

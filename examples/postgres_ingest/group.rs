@@ -44,7 +44,10 @@ pub struct Columns {
     pub memory_used_kb: Vec<Option<i64>>,
     pub memory_total_kb: Vec<Option<i64>>,
     pub load_average: Vec<Option<f64>>,
-    pub sample: Vec<String>,
+    /// The sample's text as sent, or `None` where no JSONB copy is kept.
+    pub sample: Vec<Option<String>>,
+    /// The sample's [`fingerprint`].
+    pub fingerprint: Vec<i64>,
 }
 
 impl Columns {
@@ -65,20 +68,22 @@ impl Columns {
         self.memory_total_kb.push(other.memory_total_kb[i]);
         self.load_average.push(other.load_average[i]);
         self.sample.push(other.sample[i].clone());
+        self.fingerprint.push(other.fingerprint[i]);
     }
 }
 
-/// Whether two samples' texts are the same JSON, as JSONB compares them
-/// (white space and key order aside). Only pairs repeated within one
-/// group come here.
-pub fn same_json(a: &str, b: &str) -> bool {
-    match (
-        serde_json::from_str::<serde_json::Value>(a),
-        serde_json::from_str::<serde_json::Value>(b),
-    ) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
-    }
+/// A sample's JSON as 64 bits that differ when the payload does: the
+/// text parsed and written again (keys sorted, no white space), hashed
+/// with a fixed-key SipHash so that every route process agrees.
+pub fn fingerprint(text: &str) -> i64 {
+    use std::hash::Hasher;
+    let canonical = serde_json::from_str::<serde_json::Value>(text)
+        .map(|v| v.to_string())
+        .unwrap_or_else(|_| text.to_string());
+    #[allow(deprecated)] // SipHasher: the one std hasher with a fixed key
+    let mut h = std::hash::SipHasher::new_with_keys(0x6775_6573_742d_6167, 0x656e_742d_6670_7631);
+    h.write(canonical.as_bytes());
+    h.finish() as i64
 }
 
 /// What the transaction wrote of one request's samples.
@@ -101,18 +106,20 @@ const STORE: &str = r"
 WITH incoming AS (
     SELECT t.*, timestamptz 'epoch' + t.timestamp_ms * interval '1 millisecond' AS recorded_at
     FROM UNNEST($1::int4[], $2::text[], $3::bigint[], $4::uuid[], $5::bigint[], $6::float8[],
-                $7::float8[], $8::bigint[], $9::bigint[], $10::float8[], $11::jsonb[])
+                $7::float8[], $8::bigint[], $9::bigint[], $10::float8[], $11::jsonb[],
+                $12::bigint[])
         AS t(ord, run_id, seq, vm_id, timestamp_ms, cpu_usage_percent, memory_usage_percent,
-             memory_used_kb, memory_total_kb, load_average, sample)
+             memory_used_kb, memory_total_kb, load_average, sample, fingerprint)
 ), prior AS (
-    SELECT i.ord, (SELECT g.sample FROM metrics.guest_samples g
-                   WHERE g.run_id = i.run_id AND g.seq = i.seq LIMIT 1) AS sample
+    SELECT i.ord, (SELECT row(g.fingerprint, g.sample)::metrics.stored_sample
+                   FROM metrics.guest_samples g
+                   WHERE g.run_id = i.run_id AND g.seq = i.seq LIMIT 1) AS stored
     FROM incoming i
 ), fresh AS (
-    INSERT INTO metrics.guest_samples (run_id, seq, vm_id, recorded_at, sample)
-    SELECT i.run_id, i.seq, i.vm_id, i.recorded_at, i.sample
+    INSERT INTO metrics.guest_samples (run_id, seq, vm_id, recorded_at, sample, fingerprint)
+    SELECT i.run_id, i.seq, i.vm_id, i.recorded_at, i.sample, i.fingerprint
     FROM incoming i JOIN prior p USING (ord)
-    WHERE p.sample IS NULL
+    WHERE p.stored IS NULL
     ON CONFLICT (run_id, seq, recorded_at) DO NOTHING
     RETURNING run_id, seq, recorded_at
 ), inserted AS (
@@ -128,7 +135,10 @@ WITH incoming AS (
 SELECT (SELECT count(*) FROM rows) AS metric_rows,
        ARRAY(SELECT ord FROM inserted) AS inserted,
        ARRAY(SELECT p.ord FROM prior p JOIN incoming i USING (ord)
-             WHERE p.sample <> i.sample) AS differing
+             WHERE NOT (p.stored IS NULL)
+               AND CASE WHEN (p.stored).fingerprint IS NOT NULL
+                        THEN (p.stored).fingerprint <> i.fingerprint
+                        ELSE (p.stored).sample <> i.sample END) AS differing
 ";
 
 /// A database error as the agent should see it. Data exceptions (class
@@ -180,6 +190,7 @@ async fn store(pool: &PgPool, rows: &Columns) -> Result<(Vec<bool>, Vec<bool>), 
         .bind(&rows.memory_total_kb)
         .bind(&rows.load_average)
         .bind(&rows.sample)
+        .bind(&rows.fingerprint)
         .fetch_one(&mut *tx)
         .await?;
     let inserted: Vec<i32> = row.try_get("inserted")?;
@@ -326,7 +337,7 @@ async fn write_group(pool: &PgPool, group: Vec<Job>, missing_partition: &Notify)
             // group: written once, with the first; a conflict if the
             // payloads differ, else a duplicate.
             for (job, i, first) in repeats(&group, &merged) {
-                if !same_json(&merged.sample[first], &group[job].rows.sample[i]) {
+                if merged.fingerprint[first] != group[job].rows.fingerprint[i] {
                     results[job].conflicts.push(conflict(&group[job].rows, i));
                 }
             }
