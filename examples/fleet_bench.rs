@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! cargo run --release --example fleet_bench -- --help
-//! cargo run --release --example fleet_bench -- --agents 1000,5000,20000 --duration 60
+//! cargo run --release --example fleet_bench -- --agents 10000,50000,100000 --duration 60
+//! cargo run --release --example fleet_bench -- --agents 100000,400000 --flush 60 --duration 120
 //! ```
 //!
 //! The bench starts its own PostgreSQL cluster in a temporary directory
@@ -13,15 +14,20 @@
 //! binary with `--serve`), so that the route's CPU and memory, PostgreSQL's
 //! and the simulated fleet's own are measured apart, from `/proc`.
 //!
-//! Each simulated agent has its own `vm_id` and `run_id` and sends, every
-//! interval, one batch of `--batch` samples (1, as an agent in the steady
-//! state; more, as one catching up after an outage), its sends spread
-//! evenly over the interval as a fleet's are. The samples are copies of one
-//! real sample of this machine with the per-agent fields changed. A pool of
-//! client threads, each with one kept-alive connection, sends them when due;
-//! a step is saturated when it falls behind (it delivered under 95 % of the
-//! offered samples, or the 99th percentile of how late requests started is
-//! over a second) or when any request failed.
+//! Each simulated agent has its own `vm_id` and `run_id` and pushes every
+//! interval one sample (as an agent in the steady state), or with `--flush`
+//! every flush period the samples of that period in one POST (as an agent
+//! with `flush` set), its pushes spread evenly over the period as a fleet's
+//! are. The samples are one real sample of this machine with the per-agent
+//! and per-round fields written in: the body is prepared text with numbers
+//! put between its pieces, and its request headers come from one function,
+//! [`request_head`]. One thread drives every connection (`--connections`
+//! kept-alive ones), each taking the next push due when it is free, so the
+//! fleet costs little beside what it measures (its CPU per request is
+//! reported). A step is saturated when it falls behind (it delivered under
+//! 95 % of the offered samples, or the 99th percentile of how late pushes
+//! started is over a second) or when any request failed. After the last
+//! step, the bytes each stored sample takes are reported, after `VACUUM`.
 
 #[allow(dead_code)]
 #[path = "postgres_ingest.rs"]
@@ -54,6 +60,8 @@ const USAGE: &str = "usage: fleet_bench [OPTIONS]
   --pool N             the route's database connections (8)
   --database-url URL   use this database instead of a throwaway cluster
                        (PostgreSQL's CPU and memory are then not reported)
+  --pg-setting N=V     a setting of the throwaway cluster (stock otherwise),
+                       such as --pg-setting max_wal_size=8GB; repeatable
   --route-arg ARG      an argument for the route (postgres_ingest --help),
                        such as --route-arg --jsonb-copy=off; repeatable
   --keep-going         run every step even after one saturates
@@ -70,6 +78,7 @@ struct Options {
     connections: usize,
     pool: u32,
     route_args: Vec<String>,
+    pg_settings: Vec<(String, String)>,
     database_url: Option<String>,
     keep_going: bool,
 }
@@ -83,6 +92,7 @@ impl Options {
             flush: None,
             connections: 512,
             route_args: Vec::new(),
+            pg_settings: Vec::new(),
             pool: 8,
             database_url: None,
             keep_going: false,
@@ -117,6 +127,12 @@ impl Options {
                 "--pool" => o.pool = u32::try_from(number(&value)?).unwrap_or(u32::MAX),
                 "--database-url" => o.database_url = Some(value),
                 "--route-arg" => o.route_args.push(value),
+                "--pg-setting" => {
+                    let (n, v) = value
+                        .split_once('=')
+                        .ok_or_else(|| format!("--pg-setting {value:?}: NAME=VALUE"))?;
+                    o.pg_settings.push((n.to_string(), v.to_string()));
+                }
                 _ => return Err(format!("unknown argument {arg:?}\n{USAGE}")),
             }
         }
@@ -687,7 +703,12 @@ fn run(o: Options) -> Result<(), String> {
                     postgres::PACKAGE
                 )
             })?;
-            Some(postgres::PgServer::start_new(&bin, &[])?)
+            let settings: Vec<(&str, &str)> = o
+                .pg_settings
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            Some(postgres::PgServer::start_new(&bin, &settings)?)
         }
     };
     let database_url = match (&o.database_url, &cluster) {

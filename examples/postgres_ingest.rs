@@ -49,7 +49,7 @@ mod group;
 mod partitions;
 
 pub use group::Grouping;
-use group::{Columns, Failure, Groups, fingerprint, unprocessable};
+use group::{Columns, Failure, Groups, fingerprint, same_json, unprocessable};
 pub use partitions::{Retention, maintain};
 
 /// The example's schema: the shape of the manager's `metrics.vm_metrics`
@@ -406,7 +406,12 @@ fn validate(body: &[u8], settings: &Settings, now_ms: i64) -> Result<Validated, 
             continue;
         }
         if let Some(&at) = first.get(&(s.run_id.as_str(), s.seq)) {
-            if c.fingerprint[at] != fingerprint(text) {
+            let same = match (c.fingerprint[at], &c.sample[at]) {
+                (Some(f), _) => f == fingerprint(text),
+                (None, Some(first)) => same_json(first, text),
+                (None, None) => true,
+            };
+            if !same {
                 conflicts.push(Conflict {
                     run_id: s.run_id.clone(),
                     seq: s.seq,
@@ -433,7 +438,7 @@ fn validate(body: &[u8], settings: &Settings, now_ms: i64) -> Result<Validated, 
         c.cpu_usage_percent.push(s.cpu_usage_percent);
         c.memory_usage_percent.push(s.memory_usage_percent);
         c.load_average.push(s.load_average);
-        c.fingerprint.push(fingerprint(text));
+        c.fingerprint.push((!jsonb_copy).then(|| fingerprint(text)));
         c.sample.push(jsonb_copy.then(|| text.to_string()));
     }
     Ok(Validated {

@@ -46,8 +46,9 @@ pub struct Columns {
     pub load_average: Vec<Option<f64>>,
     /// The sample's text as sent, or `None` where no JSONB copy is kept.
     pub sample: Vec<Option<String>>,
-    /// The sample's [`fingerprint`].
-    pub fingerprint: Vec<i64>,
+    /// The sample's [`fingerprint`], where no JSONB copy is kept (with
+    /// one, the JSONB is compared: no fingerprint is made per sample).
+    pub fingerprint: Vec<Option<i64>>,
 }
 
 impl Columns {
@@ -69,6 +70,33 @@ impl Columns {
         self.load_average.push(other.load_average[i]);
         self.sample.push(other.sample[i].clone());
         self.fingerprint.push(other.fingerprint[i]);
+    }
+}
+
+/// Whether rows `i` of `a` and `j` of `b` carry the same payload.
+pub fn same_payload(a: &Columns, i: usize, b: &Columns, j: usize) -> bool {
+    match (
+        a.fingerprint[i],
+        b.fingerprint[j],
+        &a.sample[i],
+        &b.sample[j],
+    ) {
+        (Some(x), Some(y), _, _) => x == y,
+        (_, _, Some(x), Some(y)) => same_json(x, y),
+        _ => true,
+    }
+}
+
+/// Whether two samples' texts are the same JSON, as JSONB compares them
+/// (white space and key order aside). Only pairs repeated within one
+/// group come here.
+pub fn same_json(a: &str, b: &str) -> bool {
+    match (
+        serde_json::from_str::<serde_json::Value>(a),
+        serde_json::from_str::<serde_json::Value>(b),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
     }
 }
 
@@ -136,9 +164,11 @@ SELECT (SELECT count(*) FROM rows) AS metric_rows,
        ARRAY(SELECT ord FROM inserted) AS inserted,
        ARRAY(SELECT p.ord FROM prior p JOIN incoming i USING (ord)
              WHERE NOT (p.stored IS NULL)
-               AND CASE WHEN (p.stored).fingerprint IS NOT NULL
+               AND CASE WHEN (p.stored).fingerprint IS NOT NULL AND i.fingerprint IS NOT NULL
                         THEN (p.stored).fingerprint <> i.fingerprint
-                        ELSE (p.stored).sample <> i.sample END) AS differing
+                        WHEN (p.stored).sample IS NOT NULL AND i.sample IS NOT NULL
+                        THEN (p.stored).sample <> i.sample
+                        ELSE false END) AS differing
 ";
 
 /// A database error as the agent should see it. Data exceptions (class
@@ -337,7 +367,7 @@ async fn write_group(pool: &PgPool, group: Vec<Job>, missing_partition: &Notify)
             // group: written once, with the first; a conflict if the
             // payloads differ, else a duplicate.
             for (job, i, first) in repeats(&group, &merged) {
-                if merged.fingerprint[first] != group[job].rows.fingerprint[i] {
+                if !same_payload(&merged, first, &group[job].rows, i) {
                     results[job].conflicts.push(conflict(&group[job].rows, i));
                 }
             }
