@@ -2,10 +2,14 @@
 //! (docs/manager.md, "Storing pushes in PostgreSQL"): every accepted sample
 //! becomes a row of `metrics.vm_metrics`, the table the manager's dashboards
 //! read, and is kept whole as JSONB in `metrics.guest_samples`, whose
-//! primary key (`run_id`, `seq`) de-duplicates. Both are written in one
-//! transaction per batch, so a batch the agent resends after a lost answer
-//! or a manager restart is stored once: the database remembers, not the
-//! process.
+//! primary key (`run_id`, `seq`, `recorded_at`) de-duplicates, with a
+//! look-up of each pair across partitions. Each request is validated alone,
+//! then joins a group of concurrent requests written by one statement per
+//! table in one transaction (group.rs), and is answered once that commits,
+//! so a batch the agent resends after a lost answer or a manager restart is
+//! stored once: the database remembers, not the process. Both tables are
+//! partitioned by day, created ahead and dropped after a retention each
+//! (partitions.rs).
 //!
 //! ```text
 //! cargo run --example postgres_ingest -- --listen 127.0.0.1:18080 \
@@ -13,13 +17,15 @@
 //! ```
 //!
 //! Answers, as the agent's delivery contract reads them
-//! (docs/design.md#delivery): 200 with `accepted`, `duplicates` and
+//! (docs/design.md#delivery): 200 with `accepted`, `duplicates`,
+//! `expired` (older than the JSONB copy's retention: not stored) and
 //! `conflicts` once committed; 400 for a body that is not samples (the
 //! kit's check); 413 over `ingest::MAX_BODY` (the agent halves its batch);
-//! 422 for a sample without a UUID `vm_id` (the column is `UUID NOT NULL`)
-//! or one the database refuses as data (the agent drops the batch: no retry
-//! could store it); 503 with `Retry-After` when the database cannot be
-//! reached or the transaction fails (the agent keeps the batch and retries).
+//! 422 for a sample without a UUID `vm_id` (the column is `UUID NOT NULL`),
+//! stamped past the partitions made ahead, or one the database refuses as
+//! data (the agent drops the batch: no retry could store it); 503 with
+//! `Retry-After` when the database cannot be reached or the transaction
+//! fails (the agent keeps the batch and retries).
 //!
 //! axum, tokio and sqlx are dev-dependencies of this crate: nothing here
 //! reaches the agent's binary.
