@@ -2,10 +2,14 @@
 //! (docs/manager.md, "Storing pushes in PostgreSQL"): every accepted sample
 //! becomes a row of `metrics.vm_metrics`, the table the manager's dashboards
 //! read, and is kept whole as JSONB in `metrics.guest_samples`, whose
-//! primary key (`run_id`, `seq`) de-duplicates. Both are written in one
-//! transaction per batch, so a batch the agent resends after a lost answer
-//! or a manager restart is stored once: the database remembers, not the
-//! process.
+//! primary key (`run_id`, `seq`, `recorded_at`) de-duplicates, with a
+//! look-up of each pair across partitions. Each request is validated alone,
+//! then joins a group of concurrent requests written by one statement per
+//! table in one transaction (group.rs), and is answered once that commits,
+//! so a batch the agent resends after a lost answer or a manager restart is
+//! stored once: the database remembers, not the process. Both tables are
+//! partitioned by day, created ahead and dropped after a retention each
+//! (partitions.rs).
 //!
 //! ```text
 //! cargo run --example postgres_ingest -- --listen 127.0.0.1:18080 \
@@ -13,13 +17,15 @@
 //! ```
 //!
 //! Answers, as the agent's delivery contract reads them
-//! (docs/design.md#delivery): 200 with `accepted`, `duplicates` and
+//! (docs/design.md#delivery): 200 with `accepted`, `duplicates`,
+//! `expired` (older than the JSONB copy's retention: not stored) and
 //! `conflicts` once committed; 400 for a body that is not samples (the
 //! kit's check); 413 over `ingest::MAX_BODY` (the agent halves its batch);
-//! 422 for a sample without a UUID `vm_id` (the column is `UUID NOT NULL`)
-//! or one the database refuses as data (the agent drops the batch: no retry
-//! could store it); 503 with `Retry-After` when the database cannot be
-//! reached or the transaction fails (the agent keeps the batch and retries).
+//! 422 for a sample without a UUID `vm_id` (the column is `UUID NOT NULL`),
+//! stamped past the partitions made ahead, or one the database refuses as
+//! data (the agent drops the batch: no retry could store it); 503 with
+//! `Retry-After` when the database cannot be reached or the transaction
+//! fails (the agent keeps the batch and retries).
 //! With `--key-file FILE` (master keys; [`AppState::with_keys`]) a push must
 //! be signed with its VM's key, checked on the raw body first: 401 with the
 //! reason for a missing or wrong signature or digest, 403 for a sample of
@@ -35,7 +41,7 @@ use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::{Body, Bytes, HttpBody};
@@ -44,9 +50,18 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use guest_agent::ingest::{self, Conflict, Parsed, Refusal, Reply, Verifier};
+use sqlx::Connection;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
-use sqlx::{Connection, Row};
+
+#[path = "postgres_ingest/group.rs"]
+mod group;
+#[path = "postgres_ingest/partitions.rs"]
+mod partitions;
+
+pub use group::Grouping;
+use group::{Columns, Failure, Groups, fingerprint, same_json, unprocessable};
+pub use partitions::{Retention, maintain};
 
 /// The example's schema: the shape of the manager's `metrics.vm_metrics`
 /// and the companion `metrics.guest_samples`, embedded at compile time.
@@ -57,10 +72,11 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("examples/postgres_ingest/migrati
 /// migrators sharing that table each refuse the other's versions.
 pub const MIGRATIONS_SCHEMA: &str = "metrics";
 
-/// How long a request waits for a pooled connection before answering 503.
-/// Short: while PostgreSQL is down, the agent is told to come back later
-/// instead of holding its request open.
-pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a group waits for a pooled connection before its requests are
+/// answered 503. Short: while PostgreSQL is down, the agent is told to come
+/// back later within its own request timeout (2 s by default), instead of
+/// timing out and backing off on its own.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How the route behaves, beyond its pool.
 #[derive(Debug, Clone, Copy)]
@@ -68,12 +84,23 @@ pub struct Settings {
     /// The `Retry-After` of a 503, in seconds: about how long a database
     /// restart takes. The agent waits at least this long before retrying.
     pub retry_after_secs: u64,
+    /// How requests are gathered into transactions.
+    pub grouping: Grouping,
+    /// The partitions' retention, and the time range a sample may have.
+    pub retention: Retention,
+    /// Whether each sample is kept whole as JSONB in `guest_samples`;
+    /// without, only its key and fingerprint are (docs/manager.md,
+    /// "Storage per sample").
+    pub jsonb_copy: bool,
 }
 
 impl Default for Settings {
     fn default() -> Settings {
         Settings {
             retry_after_secs: 5,
+            grouping: Grouping::default(),
+            retention: Retention::default(),
+            jsonb_copy: true,
         }
     }
 }
@@ -90,6 +117,8 @@ pub struct Stats {
     pub duplicates: AtomicU64,
     /// Samples whose pair was stored with a different payload.
     pub conflicts: AtomicU64,
+    /// Samples older than the JSONB copy's retention, not stored.
+    pub expired: AtomicU64,
     /// Batches refused for their payload (400, 413, 422).
     pub refused: AtomicU64,
     /// Batches answered 503: the database failed; the agent retries.
@@ -109,6 +138,7 @@ pub struct AppState {
     pool: PgPool,
     settings: Settings,
     stats: Arc<Stats>,
+    groups: Groups,
     /// Master keys: when set, only signed pushes are stored
     /// ([`AppState::with_keys`], docs/security.md).
     verifier: Option<Arc<Verifier>>,
@@ -116,14 +146,28 @@ pub struct AppState {
 
 impl AppState {
     /// The route's state over a pool (from [`pool`], or the manager's own
-    /// with a short acquire timeout), on a database [`migrate`]d already.
-    pub fn new(pool: PgPool, settings: Settings) -> AppState {
-        AppState {
+    /// with a short acquire timeout), on a database [`migrate`]d already:
+    /// creates the partitions due (see [`maintain`]), then starts the
+    /// group writers and the partitions' timer on the current runtime.
+    pub async fn start(pool: PgPool, settings: Settings) -> Result<AppState, String> {
+        settings.retention.check()?;
+        for line in maintain(&pool, &settings.retention).await? {
+            eprintln!("postgres_ingest: {line}");
+        }
+        let missing_partition = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(partitions::keep_maintained(
+            pool.clone(),
+            settings.retention,
+            missing_partition.clone(),
+        ));
+        let groups = Groups::start(pool.clone(), settings.grouping, missing_partition);
+        Ok(AppState {
             pool,
             settings,
             stats: Arc::default(),
             verifier: None,
-        }
+            groups,
+        })
     }
 
     /// The same route requiring every push to be signed with a key derived
@@ -192,7 +236,7 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// One batch: read, validate, store, answer.
+/// One batch: read, validate, store with the next group, answer.
 async fn push(State(state): State<AppState>, request: Request) -> Response {
     let reply = match read_and_store(&state, request).await {
         Ok(reply) => reply,
@@ -212,20 +256,6 @@ async fn push(State(state): State<AppState>, request: Request) -> Response {
         }
     };
     respond(reply)
-}
-
-/// Why a batch was not stored: the agent drops a refused one and retries
-/// a failed store.
-enum Failure {
-    Refused(Refusal),
-    Store(String),
-}
-
-fn unprocessable(reason: String) -> Failure {
-    Failure::Refused(Refusal {
-        status: 422,
-        reason,
-    })
 }
 
 /// The signature check, before anything parses the body: the VM the
@@ -293,15 +323,11 @@ async fn read_and_store(state: &AppState, request: Request) -> Result<Reply, Fai
         return Err(Failure::Refused(refusal));
     }
     let body = read_body(request.into_body()).await?;
-    let vm_id = signer(state, &signed, &body)?;
-    // Each sample's text goes to the JSONB column as sent, so fields a newer
-    // agent adds are kept though this build cannot read them.
-    let samples = ingest::parse_text(&body).map_err(Failure::Refused)?;
-    if let Some(vm_id) = &vm_id {
-        ingest::check_vm(samples.iter().map(|p| &p.sample), vm_id).map_err(Failure::Refused)?;
-    }
-    let batch = Columns::of(&samples)?;
-    let stored = store(&state.pool, &batch).await?;
+    let signer = signer(state, &signed, &body)?;
+    // Everything that can refuse this request alone happens here, before it
+    // joins a group: a group only fails for reasons shared by all in it.
+    let batch = validate(&body, &state.settings, signer.as_deref(), now_ms())?;
+    let stored = state.groups.store(batch.rows).await?;
 
     let conflicts: Vec<Conflict> = batch
         .conflicts
@@ -317,23 +343,32 @@ async fn read_and_store(state: &AppState, request: Request) -> Result<Reply, Fai
         );
     }
     let accepted = stored.accepted;
-    let duplicates = (samples.len() as u64).saturating_sub(accepted + conflicts.len() as u64);
+    let duplicates =
+        (batch.samples as u64).saturating_sub(accepted + batch.expired + conflicts.len() as u64);
     let stats = &state.stats;
     stats.committed.fetch_add(1, Ordering::Relaxed);
     stats.accepted.fetch_add(accepted, Ordering::Relaxed);
     stats.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+    stats.expired.fetch_add(batch.expired, Ordering::Relaxed);
     stats
         .conflicts
         .fetch_add(conflicts.len() as u64, Ordering::Relaxed);
     let body = serde_json::json!({
         "accepted": accepted,
         "duplicates": duplicates,
+        "expired": batch.expired,
         "conflicts": conflicts,
     });
     Ok(Reply {
         status: 200,
         body: format!("{body}\n"),
     })
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// How much of an oversized body is read (and thrown away) before the 413
@@ -395,200 +430,116 @@ async fn drain(mut body: Body) {
     }
 }
 
-/// A batch as one array per column, for a single `UNNEST` insert: one
-/// round trip whatever the batch size. Pairs repeated within the body are
-/// kept once (the first), since one statement cannot both insert a pair and
-/// see it conflict.
-#[derive(Default)]
-struct Columns {
-    run_id: Vec<String>,
-    seq: Vec<i64>,
-    vm_id: Vec<String>,
-    timestamp_ms: Vec<i64>,
-    cpu_usage_percent: Vec<Option<f64>>,
-    memory_usage_percent: Vec<Option<f64>>,
-    memory_used_kb: Vec<Option<i64>>,
-    memory_total_kb: Vec<Option<i64>>,
-    load_average: Vec<Option<f64>>,
-    sample: Vec<String>,
+/// One request's samples, checked and ready to join a group.
+struct Validated {
+    /// Samples in the body.
+    samples: usize,
+    /// The rows to write: the samples within the retention, each pair once.
+    rows: Columns,
+    /// Samples older than the JSONB copy's retention: not stored (a resend
+    /// of one could no longer be recognised), answered as `expired`.
+    expired: u64,
     /// Pairs seen earlier in this body with another payload.
     conflicts: Vec<Conflict>,
 }
 
-impl Columns {
-    /// Checks every sample against the columns' types: a whole batch is
-    /// refused (422) for one bad sample, before anything is written.
-    fn of(samples: &[Parsed<'_>]) -> Result<Columns, Failure> {
-        let mut c = Columns::default();
-        // Index of each pair's first occurrence in the columns.
-        let mut first: HashMap<(&str, u64), usize> = HashMap::new();
-        for (i, Parsed { sample: s, text }) in samples.iter().enumerate() {
-            let Some(raw) = s.vm_id.as_deref() else {
-                return Err(unprocessable(format!(
-                    "sample {i}: no vm_id; every row of metrics.vm_metrics needs the VM's UUID"
-                )));
-            };
-            let vm_id = uuid::Uuid::try_parse(raw).map_err(|e| {
-                unprocessable(format!("sample {i}: vm_id {raw:?} is not a UUID: {e}"))
-            })?;
-            if let Some(&at) = first.get(&(s.run_id.as_str(), s.seq)) {
-                if !same_json(&c.sample[at], text) {
-                    c.conflicts.push(Conflict {
-                        run_id: s.run_id.clone(),
-                        seq: s.seq,
-                        vm_id: s.vm_id.clone(),
-                    });
-                }
-                continue;
-            }
-            first.insert((s.run_id.as_str(), s.seq), c.seq.len());
-            c.seq.push(bigint(i, "seq", s.seq)?);
-            c.timestamp_ms
-                .push(bigint(i, "timestamp_ms", s.timestamp_ms)?);
-            c.memory_used_kb.push(
-                s.memory_used_kb
-                    .map(|v| bigint(i, "memory_used_kb", v))
-                    .transpose()?,
-            );
-            c.memory_total_kb.push(
-                s.memory_total_kb
-                    .map(|v| bigint(i, "memory_total_kb", v))
-                    .transpose()?,
-            );
-            c.run_id.push(s.run_id.clone());
-            c.vm_id.push(vm_id.hyphenated().to_string());
-            c.cpu_usage_percent.push(s.cpu_usage_percent);
-            c.memory_usage_percent.push(s.memory_usage_percent);
-            c.load_average.push(s.load_average);
-            c.sample.push(text.to_string());
-        }
-        Ok(c)
+/// Checks a body against the columns' types and the partitions' time
+/// range: the whole request is refused (400, 413 or 422) for one bad
+/// sample, before anything is written; a signed request may carry only its
+/// signer's samples (403). `now_ms` is the route's clock.
+fn validate(
+    body: &[u8],
+    settings: &Settings,
+    signer: Option<&str>,
+    now_ms: i64,
+) -> Result<Validated, Failure> {
+    let (retention, jsonb_copy) = (&settings.retention, settings.jsonb_copy);
+    // Each sample's text goes to the JSONB column as sent, so fields a newer
+    // agent adds are kept though this build cannot read them.
+    let samples = ingest::parse_text(body).map_err(Failure::Refused)?;
+    // A signed request speaks for its signer's VM only (403 otherwise).
+    if let Some(vm_id) = signer {
+        ingest::check_vm(samples.iter().map(|p| &p.sample), vm_id).map_err(Failure::Refused)?;
     }
+    let oldest = now_ms.saturating_sub(millis(retention.samples));
+    let latest = now_ms.saturating_add(i64::from(retention.days_ahead) * 86_400_000);
+    let mut c = Columns::default();
+    let mut expired = 0;
+    let mut conflicts = Vec::new();
+    // Index of each pair's first occurrence in the columns.
+    let mut first: HashMap<(&str, u64), usize> = HashMap::new();
+    for (i, Parsed { sample: s, text }) in samples.iter().enumerate() {
+        let Some(raw) = s.vm_id.as_deref() else {
+            return Err(unprocessable(format!(
+                "sample {i}: no vm_id; every row of metrics.vm_metrics needs the VM's UUID"
+            )));
+        };
+        let vm_id = uuid::Uuid::try_parse(raw)
+            .map_err(|e| unprocessable(format!("sample {i}: vm_id {raw:?} is not a UUID: {e}")))?;
+        let timestamp_ms = bigint(i, "timestamp_ms", s.timestamp_ms)?;
+        if timestamp_ms >= latest {
+            return Err(unprocessable(format!(
+                "sample {i}: timestamp_ms {timestamp_ms} is more than {} days ahead of the \
+                 manager's clock ({now_ms}); the guest's clock is wrong",
+                retention.days_ahead
+            )));
+        }
+        if timestamp_ms < oldest {
+            expired += 1;
+            continue;
+        }
+        if let Some(&at) = first.get(&(s.run_id.as_str(), s.seq)) {
+            let same = match (c.fingerprint[at], &c.sample[at]) {
+                (Some(f), _) => f == fingerprint(text),
+                (None, Some(first)) => same_json(first, text),
+                (None, None) => true,
+            };
+            if !same {
+                conflicts.push(Conflict {
+                    run_id: s.run_id.clone(),
+                    seq: s.seq,
+                    vm_id: s.vm_id.clone(),
+                });
+            }
+            continue;
+        }
+        first.insert((s.run_id.as_str(), s.seq), c.seq.len());
+        c.seq.push(bigint(i, "seq", s.seq)?);
+        c.timestamp_ms.push(timestamp_ms);
+        c.memory_used_kb.push(
+            s.memory_used_kb
+                .map(|v| bigint(i, "memory_used_kb", v))
+                .transpose()?,
+        );
+        c.memory_total_kb.push(
+            s.memory_total_kb
+                .map(|v| bigint(i, "memory_total_kb", v))
+                .transpose()?,
+        );
+        c.run_id.push(s.run_id.clone());
+        c.vm_id.push(vm_id.hyphenated().to_string());
+        c.cpu_usage_percent.push(s.cpu_usage_percent);
+        c.memory_usage_percent.push(s.memory_usage_percent);
+        c.load_average.push(s.load_average);
+        c.fingerprint.push((!jsonb_copy).then(|| fingerprint(text)));
+        c.sample.push(jsonb_copy.then(|| text.to_string()));
+    }
+    Ok(Validated {
+        samples: samples.len(),
+        rows: c,
+        expired,
+        conflicts,
+    })
 }
 
-/// Whether two samples' texts are the same JSON, as JSONB compares them
-/// (white space and key order aside). Only pairs repeated within one body
-/// come here.
-fn same_json(a: &str, b: &str) -> bool {
-    match (
-        serde_json::from_str::<serde_json::Value>(a),
-        serde_json::from_str::<serde_json::Value>(b),
-    ) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
-    }
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// A u64 as PostgreSQL's BIGINT, which is signed.
 fn bigint(i: usize, field: &str, v: u64) -> Result<i64, Failure> {
     i64::try_from(v)
         .map_err(|_| unprocessable(format!("sample {i}: {field} {v} is over BIGINT's range")))
-}
-
-/// What the transaction wrote.
-struct Stored {
-    accepted: u64,
-    conflicts: Vec<Conflict>,
-}
-
-/// The batch in one statement: the companion table takes every pair it has
-/// not seen (`ON CONFLICT DO NOTHING`), and only the pairs it took go on to
-/// `vm_metrics`. Pairs already stored with another payload are listed:
-/// the statement's snapshot shows the table as it was before this insert.
-/// That look-up is a scalar subquery, run per incoming sample through the
-/// primary key: as a join, a plan made while the table was small (a
-/// prepared statement's generic plan) scans the whole table on every batch.
-const STORE: &str = r"
-WITH incoming AS (
-    SELECT t.*, timestamptz 'epoch' + t.timestamp_ms * interval '1 millisecond' AS recorded_at
-    FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::bigint[], $5::float8[],
-                $6::float8[], $7::bigint[], $8::bigint[], $9::float8[], $10::jsonb[])
-        AS t(run_id, seq, vm_id, timestamp_ms, cpu_usage_percent, memory_usage_percent,
-             memory_used_kb, memory_total_kb, load_average, sample)
-), fresh AS (
-    INSERT INTO metrics.guest_samples (run_id, seq, vm_id, recorded_at, sample)
-    SELECT run_id, seq, vm_id, recorded_at, sample FROM incoming
-    ON CONFLICT (run_id, seq) DO NOTHING
-    RETURNING run_id, seq
-), rows AS (
-    INSERT INTO metrics.vm_metrics (vm_id, recorded_at, cpu_usage_percent,
-        memory_usage_percent, memory_used_kb, memory_total_kb, load_average)
-    SELECT i.vm_id, i.recorded_at, i.cpu_usage_percent, i.memory_usage_percent,
-        i.memory_used_kb, i.memory_total_kb, i.load_average
-    FROM incoming i JOIN fresh f USING (run_id, seq)
-    RETURNING 1
-), differing AS (
-    SELECT i.run_id, i.seq, i.vm_id
-    FROM incoming i
-    WHERE (SELECT g.sample FROM metrics.guest_samples g
-           WHERE g.run_id = i.run_id AND g.seq = i.seq) <> i.sample
-)
-SELECT (SELECT count(*) FROM rows) AS accepted,
-       ARRAY(SELECT run_id FROM differing) AS conflict_run_ids,
-       ARRAY(SELECT seq FROM differing) AS conflict_seqs,
-       ARRAY(SELECT vm_id::text FROM differing) AS conflict_vm_ids
-";
-
-async fn store(pool: &PgPool, c: &Columns) -> Result<Stored, Failure> {
-    let mut tx = pool
-        .begin()
-        .await
-        .map_err(|e| database("opening a transaction", e))?;
-    let row = sqlx::query(STORE)
-        .bind(&c.run_id)
-        .bind(&c.seq)
-        .bind(&c.vm_id)
-        .bind(&c.timestamp_ms)
-        .bind(&c.cpu_usage_percent)
-        .bind(&c.memory_usage_percent)
-        .bind(&c.memory_used_kb)
-        .bind(&c.memory_total_kb)
-        .bind(&c.load_average)
-        .bind(&c.sample)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| database("storing the batch", e))?;
-    let read = |e| database("reading the insert's result", e);
-    let accepted: i64 = row.try_get("accepted").map_err(read)?;
-    let run_ids: Vec<String> = row.try_get("conflict_run_ids").map_err(read)?;
-    let seqs: Vec<i64> = row.try_get("conflict_seqs").map_err(read)?;
-    let vm_ids: Vec<String> = row.try_get("conflict_vm_ids").map_err(read)?;
-    tx.commit()
-        .await
-        .map_err(|e| database("committing the batch", e))?;
-    let conflicts = run_ids
-        .into_iter()
-        .zip(seqs)
-        .zip(vm_ids)
-        .map(|((run_id, seq), vm_id)| Conflict {
-            run_id,
-            seq: seq.unsigned_abs(),
-            vm_id: Some(vm_id),
-        })
-        .collect();
-    Ok(Stored {
-        accepted: accepted.unsigned_abs(),
-        conflicts,
-    })
-}
-
-/// A database error as the agent should see it. Data exceptions (class
-/// 22: a value out of a type's range) and integrity violations (class 23:
-/// a constraint the manager added, such as a foreign key to its VM table)
-/// would fail again on every retry, so the batch is refused; anything else
-/// (the server down or restarting, a lost connection, a full disk) is
-/// worth retrying.
-fn database(doing: &str, e: sqlx::Error) -> Failure {
-    if let Some(db) = e.as_database_error()
-        && let Some(code) = db.code()
-        && (code.starts_with("22") || code.starts_with("23"))
-    {
-        return unprocessable(format!(
-            "the database refused the batch ({doing}): {} (SQLSTATE {code})",
-            db.message()
-        ));
-    }
-    Failure::Store(format!("{doing}: {e}"))
 }
 
 /// A reply of the kit as an axum response.
@@ -625,20 +576,34 @@ pub struct Args {
     pub database_url: String,
     /// The pool's size (`--max-connections`).
     pub max_connections: u32,
-    /// The route's settings (`--retry-after`).
+    /// The route's settings (`--retry-after`, `--group-*`, `--*-retention`,
+    /// `--days-ahead`).
     pub settings: Settings,
     /// Master keys (`--key-file`): pushes must be signed.
     pub key_file: Option<std::path::PathBuf>,
 }
 
 const USAGE: &str = "usage: postgres_ingest [--listen ADDR] [--database-url URL] \
-[--max-connections N] [--retry-after SECS] [--key-file FILE]
+[--max-connections N] [--retry-after SECS] [--group-samples N] [--group-wait DURATION] \
+[--samples-retention DURATION] [--metrics-retention DURATION] [--days-ahead N] \
+[--jsonb-copy on|off] [--key-file FILE]
 
-  --listen ADDR         address to serve POST /v1/guest-metrics on (127.0.0.1:18080)
-  --database-url URL    postgres://USER[:PASSWORD]@HOST[:PORT]/DB (default: $DATABASE_URL)
-  --max-connections N   database connections in the pool (8)
-  --retry-after SECS    Retry-After of a 503 when the database fails (5)
-  --key-file FILE       master keys (lines KID HEX): require signed pushes, store only the signer's VM";
+  --listen ADDR                  address to serve POST /v1/guest-metrics on (127.0.0.1:18080)
+  --database-url URL             postgres://USER[:PASSWORD]@HOST[:PORT]/DB (default: $DATABASE_URL)
+  --max-connections N            database connections in the pool (8); one is kept for the
+                                 partitions' upkeep, each other one writes groups
+  --retry-after SECS             Retry-After of a 503 when the database fails (5)
+  --group-samples N              a group is written once it holds N samples (2000)...
+  --group-wait DURATION          ...or this long after its first request came (5ms)
+  --samples-retention DURATION   how long the JSONB copy is kept, and how old a sample may be
+                                 and still be stored (2days)
+  --metrics-retention DURATION   how long vm_metrics rows are kept (7days)
+  --days-ahead N                 days of partitions created ahead; a sample stamped later is
+                                 refused (2)
+  --jsonb-copy on|off            keep each sample whole as JSONB (on); off keeps its key and
+                                 fingerprint only: about a quarter of the bytes per sample
+  --key-file FILE                master keys (lines KID HEX): require signed pushes, store only
+                                 the signer's VM";
 
 impl Args {
     /// Parses `args` (without the program name); `Err` carries the message
@@ -649,6 +614,12 @@ impl Args {
         let mut max_connections = "8".to_string();
         let mut retry_after = "5".to_string();
         let mut key_file: Option<String> = None;
+        let mut group_samples = "2000".to_string();
+        let mut group_wait = "5ms".to_string();
+        let mut samples_retention = "2days".to_string();
+        let mut metrics_retention = "7days".to_string();
+        let mut days_ahead = "2".to_string();
+        let mut jsonb_copy = "on".to_string();
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
             let (name, inline) = match arg.split_once('=') {
@@ -662,6 +633,12 @@ impl Args {
                 "--listen" => &mut listen,
                 "--max-connections" => &mut max_connections,
                 "--retry-after" => &mut retry_after,
+                "--group-samples" => &mut group_samples,
+                "--group-wait" => &mut group_wait,
+                "--samples-retention" => &mut samples_retention,
+                "--metrics-retention" => &mut metrics_retention,
+                "--days-ahead" => &mut days_ahead,
+                "--jsonb-copy" => &mut jsonb_copy,
                 "--database-url" => database_url.insert(String::new()),
                 "--key-file" => key_file.insert(String::new()),
                 _ => return Err(format!("unknown argument {arg:?}\n{USAGE}")),
@@ -671,19 +648,46 @@ impl Args {
                 None => return Err(format!("{name} needs a value\n{USAGE}")),
             };
         }
+        let duration = |name: &str, v: &str| {
+            humantime::parse_duration(v).map_err(|e| format!("{name} {v:?}: {e}"))
+        };
+        let max_connections: u32 = max_connections
+            .parse()
+            .map_err(|e| format!("--max-connections {max_connections:?}: {e}"))?;
+        let retention = Retention {
+            samples: duration("--samples-retention", &samples_retention)?,
+            metrics: duration("--metrics-retention", &metrics_retention)?,
+            days_ahead: days_ahead
+                .parse()
+                .map_err(|e| format!("--days-ahead {days_ahead:?}: {e}"))?,
+            ..Retention::default()
+        };
+        retention.check()?;
         Ok(Args {
             listen: listen
                 .parse()
                 .map_err(|e| format!("--listen {listen:?}: {e}"))?,
             database_url: database_url
                 .ok_or_else(|| format!("no --database-url and no DATABASE_URL\n{USAGE}"))?,
-            max_connections: max_connections
-                .parse()
-                .map_err(|e| format!("--max-connections {max_connections:?}: {e}"))?,
+            max_connections,
             settings: Settings {
                 retry_after_secs: retry_after
                     .parse()
                     .map_err(|e| format!("--retry-after {retry_after:?}: {e}"))?,
+                grouping: Grouping {
+                    max_samples: group_samples
+                        .parse::<usize>()
+                        .map_err(|e| format!("--group-samples {group_samples:?}: {e}"))?
+                        .max(1),
+                    max_wait: duration("--group-wait", &group_wait)?,
+                    writers: max_connections.saturating_sub(1).max(1) as usize,
+                },
+                retention,
+                jsonb_copy: match jsonb_copy.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    v => return Err(format!("--jsonb-copy {v:?}: on or off")),
+                },
             },
             key_file: key_file.map(std::path::PathBuf::from),
         })
@@ -707,10 +711,11 @@ pub async fn serve(args: Args) -> Result<(), String> {
             Err(e) => return Err(e),
         }
     }
-    let mut state = AppState::new(
+    let mut state = AppState::start(
         pool(&args.database_url, args.max_connections)?,
         args.settings,
-    );
+    )
+    .await?;
     if let Some(path) = &args.key_file {
         state = state.with_keys(Verifier::load(path)?);
     }

@@ -65,13 +65,31 @@ struct Route {
 impl Route {
     /// Migrates and serves on `addr` (port 0 for a free one).
     fn start(addr: SocketAddr, database_url: &str) -> Route {
-        Route::start_keyed(addr, database_url, None)
+        Route::start_with(addr, database_url, Route::settings(), None)
     }
 
     /// [`Route::start`], requiring pushes signed under these master keys.
     fn start_keyed(
         addr: SocketAddr,
         database_url: &str,
+        keys: Option<guest_agent::ingest::Verifier>,
+    ) -> Route {
+        Route::start_with(addr, database_url, Route::settings(), keys)
+    }
+
+    /// The settings of [`Route::start`]: a short Retry-After.
+    fn settings() -> Settings {
+        Settings {
+            retry_after_secs: 1,
+            ..Settings::default()
+        }
+    }
+
+    /// [`Route::start`] with these settings and, if given, master keys.
+    fn start_with(
+        addr: SocketAddr,
+        database_url: &str,
+        settings: Settings,
         keys: Option<guest_agent::ingest::Verifier>,
     ) -> Route {
         // Coming back on the port the agent targets: std sets SO_REUSEADDR,
@@ -91,12 +109,7 @@ impl Route {
             rt.block_on(async move {
                 postgres_ingest::migrate(&url).await.unwrap();
                 let pool = postgres_ingest::pool(&url, 4).unwrap();
-                let mut state = AppState::new(
-                    pool,
-                    Settings {
-                        retry_after_secs: 1,
-                    },
-                );
+                let mut state = AppState::start(pool, settings).await.unwrap();
                 if let Some(keys) = keys {
                     state = state.with_keys(keys);
                 }
@@ -530,12 +543,16 @@ fn bodies_the_database_cannot_take_are_refused_and_store_nothing() {
     let mut huge = good.clone();
     huge["memory_used_kb"] = u64::MAX.into();
     assert!(refused(&[&huge]).contains("BIGINT"));
-    // Beyond PostgreSQL's timestamps: refused by the database (SQLSTATE
-    // class 22), in a transaction that leaves nothing behind.
+    // Stamped after the partitions made ahead (beyond PostgreSQL's
+    // timestamps, here): refused before anything is written.
     let mut far = good.clone();
     far["timestamp_ms"] = (i64::MAX as u64).into();
     far["seq"] = 3.into();
-    assert!(refused(&[&good, &far]).contains("SQLSTATE 22"));
+    let reason = refused(&[&good, &far]);
+    assert!(
+        reason.starts_with("sample 1: ") && reason.contains("ahead of the manager's clock"),
+        "{reason}"
+    );
     assert_eq!(db.totals(), (0, 0));
 
     assert_eq!(post(&route.url(), b"[{\"schema\": 1,").0, 400);
@@ -659,4 +676,363 @@ fn with_master_keys_only_signed_samples_of_the_signer_become_rows() {
         "{counts}"
     );
     assert_eq!(db.totals(), (before.0 + 1, before.1 + 1));
+}
+
+/// The fixture's sample for `vm`, stamped `timestamp_ms`, as run `run`
+/// seq `seq`.
+fn sample_at(vm: &str, run: &str, seq: u64, timestamp_ms: i64) -> serde_json::Value {
+    let mut s = common::once(&["--vm-id", vm, "--proc-root", &common::fixture_root()]);
+    s["run_id"] = run.into();
+    s["seq"] = seq.into();
+    s["timestamp_ms"] = timestamp_ms.into();
+    s
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+#[test]
+fn a_sample_older_than_the_retention_is_answered_expired_and_not_stored() {
+    let Some(server) = postgres() else { return };
+    let route = Route::start("127.0.0.1:0".parse().unwrap(), &server.url());
+    let db = Db::connect(&server.url());
+    let vm = "7b2c3d4e-5f60-4a7b-8c9d-0e1f2a3b4c05";
+    let retention_ms = Settings::default().retention.samples.as_millis() as i64;
+    let now = now_ms();
+    // One sample a minute older than the retention, one a minute inside it,
+    // in the same body: the old one is counted, the other stored.
+    let old = sample_at(vm, "run-expired", 1, now - retention_ms - 60_000);
+    let kept = sample_at(vm, "run-expired", 2, now - retention_ms + 60_000);
+    let (status, _, counts) = post(&route.url(), &serde_json::to_vec(&[&old, &kept]).unwrap());
+    assert_eq!(status, 200, "{counts}");
+    assert_eq!(
+        (
+            &counts["accepted"],
+            &counts["expired"],
+            &counts["duplicates"]
+        ),
+        (&1.into(), &1.into(), &0.into()),
+        "{counts}"
+    );
+    assert_eq!(db.seqs(vm), vec![2]);
+    assert_eq!(db.metrics(vm).len(), 1);
+    assert_eq!(Stats::get(&route.stats().expired), 1);
+}
+
+#[test]
+fn a_resend_across_a_partition_boundary_is_stored_once() {
+    let Some(server) = postgres() else { return };
+    let route = Route::start("127.0.0.1:0".parse().unwrap(), &server.url());
+    let db = Db::connect(&server.url());
+    let vm = "8c3d4e5f-6071-4b8c-9d0e-1f2a3b4c5d06";
+    // The last millisecond of yesterday (UTC) and the first of today: two
+    // partitions.
+    let midnight = now_ms() / DAY_MS * DAY_MS;
+    let before = sample_at(vm, "run-boundary", 1, midnight - 1);
+    let (status, _, counts) = post(&route.url(), &serde_json::to_vec(&[&before]).unwrap());
+    assert_eq!((status, &counts["accepted"]), (200, &1.into()), "{counts}");
+    let partition = |seq: i64| {
+        db.rt
+            .block_on(
+                sqlx::query_scalar::<_, String>(
+                    "SELECT tableoid::regclass::text FROM metrics.guest_samples \
+                     WHERE run_id = 'run-boundary' AND seq = $1",
+                )
+                .bind(seq)
+                .fetch_all(&db.pool),
+            )
+            .unwrap()
+    };
+    let yesterday = partition(1);
+
+    // The partitions' upkeep runs (as its timer would) and the agent
+    // resends the same batch: the pair is found, nothing is stored again.
+    db.rt
+        .block_on(postgres_ingest::maintain(
+            &db.pool,
+            &Settings::default().retention,
+        ))
+        .unwrap();
+    let (status, _, counts) = post(&route.url(), &serde_json::to_vec(&[&before]).unwrap());
+    assert_eq!(status, 200, "{counts}");
+    assert_eq!(
+        (&counts["accepted"], &counts["duplicates"]),
+        (&0.into(), &1.into()),
+        "{counts}"
+    );
+    // The same pair stamped on the other side of midnight (another
+    // partition, where the unique key alone would not see it): a conflict,
+    // the first kept, no second row in either table.
+    let mut after = before.clone();
+    after["timestamp_ms"] = midnight.into();
+    let (status, _, counts) = post(&route.url(), &serde_json::to_vec(&[&after]).unwrap());
+    assert_eq!(status, 200, "{counts}");
+    assert_eq!(counts["accepted"], 0, "{counts}");
+    assert_eq!(counts["conflicts"][0]["seq"], 1, "{counts}");
+    assert_eq!(partition(1), yesterday, "one row, in yesterday's partition");
+    assert_eq!(db.samples(vm).len(), 1);
+    assert_eq!(db.metrics(vm).len(), 1);
+    assert_eq!(db.metrics(vm)[0].recorded_ms, midnight - 1);
+
+    // A new seq on each side of midnight goes to its day's partition.
+    let s2 = sample_at(vm, "run-boundary", 2, midnight - 1);
+    let s3 = sample_at(vm, "run-boundary", 3, midnight);
+    let (status, _, counts) = post(&route.url(), &serde_json::to_vec(&[&s2, &s3]).unwrap());
+    assert_eq!((status, &counts["accepted"]), (200, &2.into()), "{counts}");
+    assert_eq!(partition(2), yesterday);
+    assert_ne!(partition(3), yesterday);
+    assert_eq!(db.seqs(vm), vec![1, 2, 3]);
+}
+
+#[test]
+fn dropping_expired_partitions_loses_nothing_newer() {
+    let Some(server) = postgres() else { return };
+    let route = Route::start("127.0.0.1:0".parse().unwrap(), &server.url());
+    let db = Db::connect(&server.url());
+    let vm = "9d4e5f60-7182-4c9d-8e0f-2a3b4c5d6e07";
+    let retention = Settings::default().retention;
+    let samples_days = (retention.samples.as_secs() / 86_400) as i64;
+    // One sample for each day from the oldest accepted (a minute inside
+    // the retention) to today (an hour after midnight, if that is past).
+    let now = now_ms();
+    let today = now / DAY_MS * DAY_MS;
+    let body: Vec<serde_json::Value> = (0..=samples_days)
+        .map(|d| {
+            let at = match d {
+                0 => now - retention.samples.as_millis() as i64 + 60_000,
+                _ => today - (samples_days - d) * DAY_MS + 3_600_000,
+            };
+            sample_at(vm, "run-retention", d as u64 + 1, at)
+        })
+        .filter(|s| s["timestamp_ms"].as_i64().unwrap() < now)
+        .collect();
+    let (status, _, counts) = post(&route.url(), &serde_json::to_vec(&body).unwrap());
+    assert_eq!(status, 200, "{counts}");
+    assert_eq!(counts["accepted"], body.len() as u64, "{counts}");
+    drop(route);
+
+    let upkeep = |days_later: i64| -> Vec<String> {
+        db.rt
+            .block_on(
+                sqlx::query_scalar::<_, String>(
+                    "SELECT line FROM metrics.maintain_partitions(make_interval(secs => $1), \
+                     make_interval(secs => $2), $3, now() + make_interval(days => $4)) AS line",
+                )
+                .bind(retention.samples.as_secs_f64())
+                .bind(retention.metrics.as_secs_f64())
+                .bind(retention.days_ahead as i32)
+                .bind(days_later as i32)
+                .fetch_all(&db.pool),
+            )
+            .unwrap()
+    };
+    let times = |table: &str| -> Vec<i64> {
+        db.rt
+            .block_on(
+                sqlx::query_scalar::<_, i64>(&format!(
+                    "SELECT (extract(epoch FROM recorded_at) * 1000)::bigint FROM metrics.{table} \
+                     WHERE vm_id = $1::uuid ORDER BY recorded_at"
+                ))
+                .bind(vm)
+                .fetch_all(&db.pool),
+            )
+            .unwrap()
+    };
+    let all: Vec<i64> = body
+        .iter()
+        .map(|s| s["timestamp_ms"].as_i64().unwrap())
+        .collect();
+    assert_eq!(times("guest_samples"), all);
+    // A day on: the JSONB copy's oldest day goes, every newer row stays;
+    // vm_metrics (a week) keeps everything.
+    let done = upkeep(1);
+    assert!(
+        done.iter()
+            .any(|l| l.starts_with("dropped metrics.guest_samples_p")),
+        "{done:?}"
+    );
+    assert!(
+        !done
+            .iter()
+            .any(|l| l.starts_with("dropped metrics.vm_metrics")),
+        "{done:?}"
+    );
+    assert_eq!(times("guest_samples"), all[1..].to_vec());
+    assert_eq!(times("vm_metrics"), all);
+    // Past vm_metrics' retention for the oldest day only.
+    let metrics_days = (retention.metrics.as_secs() / 86_400) as i64;
+    let done = upkeep(metrics_days - samples_days + 1);
+    assert!(
+        done.iter()
+            .any(|l| l.starts_with("dropped metrics.vm_metrics_p")),
+        "{done:?}"
+    );
+    assert_eq!(times("vm_metrics"), all[1..].to_vec());
+    assert!(times("guest_samples").is_empty());
+}
+
+#[test]
+fn a_request_the_database_refuses_does_not_fail_its_group() {
+    let Some(server) = postgres() else { return };
+    let db = Db::connect(&server.url());
+    // A long gathering time, so that concurrent requests share a group.
+    let mut settings = Settings {
+        retry_after_secs: 1,
+        ..Settings::default()
+    };
+    settings.grouping.max_wait = Duration::from_millis(500);
+    settings.grouping.max_samples = 1000;
+    let route = Route::start_with(
+        "127.0.0.1:0".parse().unwrap(),
+        &server.url(),
+        settings,
+        None,
+    );
+    // A rule of the manager's that no check of the route knows about.
+    db.rt
+        .block_on(
+            sqlx::query(
+                "ALTER TABLE metrics.vm_metrics ADD CONSTRAINT cpu_at_most_100 \
+                 CHECK (cpu_usage_percent <= 100)",
+            )
+            .execute(&db.pool),
+        )
+        .unwrap();
+    let vm = "ae5f6071-8293-4dae-9f10-3b4c5d6e7f08";
+    let now = now_ms();
+    let threads: Vec<_> = (0..8u64)
+        .map(|i| {
+            let url = route.url();
+            let mut s = sample_at(vm, &format!("run-group-{i}"), 1, now);
+            if i == 3 {
+                s["cpu_usage_percent"] = 150.0.into();
+            }
+            std::thread::spawn(move || (i, post(&url, &serde_json::to_vec(&[&s]).unwrap())))
+        })
+        .collect();
+    for t in threads {
+        let (i, (status, _, answer)) = t.join().unwrap();
+        if i == 3 {
+            assert_eq!(status, 422, "{answer}");
+            assert!(
+                answer["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("cpu_at_most_100"),
+                "{answer}"
+            );
+        } else {
+            assert_eq!((status, &answer["accepted"]), (200, &1.into()), "{answer}");
+        }
+    }
+    assert_eq!(db.totals(), (7, 7));
+}
+
+#[test]
+fn a_database_with_the_unpartitioned_tables_keeps_its_rows() {
+    let Some(server) = postgres() else { return };
+    let db = Db::connect(&server.url());
+    // The manager's vm_metrics and an earlier companion table, with rows,
+    // as they were before partitioning.
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/postgres_ingest/migrations"
+    );
+    for file in [
+        "20250101000001_vm_metrics.sql",
+        "20250101000002_guest_samples.sql",
+    ] {
+        let sql = std::fs::read_to_string(format!("{dir}/{file}")).unwrap();
+        db.rt
+            .block_on(sqlx::raw_sql(&sql).execute(&db.pool))
+            .unwrap();
+    }
+    let vm = "bf607182-93a4-4ebf-8021-4c5d6e7f8a09";
+    db.rt
+        .block_on(
+            sqlx::raw_sql(&format!(
+                "INSERT INTO metrics.vm_metrics (vm_id, recorded_at) \
+                 VALUES ('{vm}', now() - interval '3 days'), ('{vm}', now()); \
+                 INSERT INTO metrics.guest_samples (run_id, seq, vm_id, recorded_at, sample) \
+                 VALUES ('run-old', 1, '{vm}', now() - interval '1 hour', '{{}}')"
+            ))
+            .execute(&db.pool),
+        )
+        .unwrap();
+    let route = Route::start("127.0.0.1:0".parse().unwrap(), &server.url());
+    assert_eq!(db.metrics(vm).len(), 2);
+    // The old table's pair still de-duplicates.
+    let mut resent = sample_at(vm, "run-old", 1, now_ms() - 3_600_000);
+    resent["cpu_usage_percent"] = 1.0.into();
+    let (status, _, counts) = post(&route.url(), &serde_json::to_vec(&[&resent]).unwrap());
+    assert_eq!((status, &counts["accepted"]), (200, &0.into()), "{counts}");
+    let fresh = sample_at(vm, "run-new", 1, now_ms());
+    let (status, _, counts) = post(&route.url(), &serde_json::to_vec(&[&fresh]).unwrap());
+    assert_eq!((status, &counts["accepted"]), (200, &1.into()), "{counts}");
+    assert_eq!(db.metrics(vm).len(), 3);
+    let kinds: Vec<String> = db
+        .rt
+        .block_on(
+            sqlx::query_scalar(
+                "SELECT relkind::text FROM pg_class WHERE oid IN \
+                 ('metrics.vm_metrics'::regclass, 'metrics.guest_samples'::regclass)",
+            )
+            .fetch_all(&db.pool),
+        )
+        .unwrap();
+    assert_eq!(kinds, vec!["p", "p"]);
+}
+
+#[test]
+fn without_the_jsonb_copy_resends_and_conflicts_are_still_told_apart() {
+    let Some(server) = postgres() else { return };
+    let route = Route::start_with(
+        "127.0.0.1:0".parse().unwrap(),
+        &server.url(),
+        Settings {
+            retry_after_secs: 1,
+            jsonb_copy: false,
+            ..Settings::default()
+        },
+        None,
+    );
+    let db = Db::connect(&server.url());
+    let vm = "c0718293-a4b5-4c0d-9132-5d6e7f8a9b10";
+    let first = sample_at(vm, "run-keys", 1, now_ms());
+    let second = sample_at(vm, "run-keys", 2, now_ms());
+    let body = serde_json::to_vec(&[&first, &second]).unwrap();
+    let (status, _, counts) = post(&route.url(), &body);
+    assert_eq!((status, &counts["accepted"]), (200, &2.into()), "{counts}");
+    assert_eq!(
+        db.count("SELECT count(*) FROM metrics.guest_samples WHERE sample IS NULL AND fingerprint IS NOT NULL"),
+        2
+    );
+    // The same body again, its keys in another order and indented: the
+    // same payload, a duplicate.
+    let mut reordered = serde_json::Map::new();
+    for (k, v) in first.as_object().unwrap().iter().rev() {
+        reordered.insert(k.clone(), v.clone());
+    }
+    let (status, _, counts) = post(
+        &route.url(),
+        &serde_json::to_vec_pretty(&[&reordered]).unwrap(),
+    );
+    assert_eq!(
+        (status, &counts["duplicates"], &counts["conflicts"]),
+        (200, &1.into(), &serde_json::json!([])),
+        "{counts}"
+    );
+    let mut other = first.clone();
+    other["cpu_usage_percent"] = 99.5.into();
+    let (status, _, counts) = post(&route.url(), &serde_json::to_vec(&[&other]).unwrap());
+    assert_eq!(status, 200);
+    assert_eq!(counts["conflicts"][0]["seq"], 1, "{counts}");
+    assert_eq!(db.metrics(vm).len(), 2);
+    assert_ne!(db.metrics(vm)[0].cpu_usage_percent, Some(99.5));
 }

@@ -146,6 +146,9 @@ pub struct Config {
     pub buffer_max_bytes: usize,
     /// Most samples per POST.
     pub batch: usize,
+    /// How long a sample may be held to share a POST with the next ones;
+    /// `None`: each is pushed as it comes.
+    pub flush: Option<Duration>,
     /// Log level.
     pub log: log::LevelFilter,
     /// Where /proc is.
@@ -369,6 +372,8 @@ fn build(origins: Vec<Origin>, errors: Vec<String>, warnings: Vec<String>) -> Re
         timeout: dur("timeout", settings::MIN_TIMEOUT, settings::MAX_TIMEOUT)?,
         buffer: count("buffer", settings::MAX_BUFFER)?,
         batch: count("batch", settings::MAX_BATCH)?,
+        flush: settings::parse_flush(get("flush").unwrap_or("off"))
+            .map_err(|e| internal("flush", e))?,
         log: settings::parse_log(get("log").unwrap_or("info")).map_err(|e| internal("log", e))?,
         proc_root,
         sys_root: PathBuf::from(get("sys_root").unwrap_or(crate::collect::DEFAULT_SYS_ROOT)),

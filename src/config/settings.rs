@@ -244,6 +244,15 @@ pub const SETTINGS: &[Setting] = &[
         help: "a file (mode 0600) holding the line KID HEX; beats key from a lower source",
         check: check_path,
     },
+    Setting {
+        name: "flush",
+        value_name: "DURATION|off",
+        default: Some("off"),
+        on_cmdline: true,
+        secret: false,
+        help: "hold samples up to this long and push them in one POST (60s); off pushes each at once",
+        check: check_flush,
+    },
 ];
 
 /// The row of `name`.
@@ -271,6 +280,25 @@ pub fn parse_count(v: &str, max: usize) -> Result<usize, String> {
         Ok(n) if (1..=max).contains(&n) => Ok(n),
         _ => Err(format!("a whole number from 1 to {max}")),
     }
+}
+
+/// Longest `flush` accepted: past it, a guest's samples would reach the
+/// manager too late to be of use as current figures.
+pub const MAX_FLUSH: Duration = Duration::from_secs(3600);
+
+/// Parses the `flush` setting: `off` (each sample pushed as it comes) or
+/// how long a sample may wait to share a POST with the next ones.
+pub fn parse_flush(v: &str) -> Result<Option<Duration>, String> {
+    match v.trim() {
+        "off" => Ok(None),
+        v => parse_duration(v, Duration::from_secs(1), MAX_FLUSH)
+            .map(Some)
+            .map_err(|e| format!("off, or {e}")),
+    }
+}
+
+fn check_flush(v: &str) -> Result<(), String> {
+    parse_flush(v).map(|_| ())
 }
 
 /// Parses `off` or a socket address.
@@ -437,6 +465,11 @@ mod tests {
             ("buffer", "1000001", false),
             ("batch", "100", true),
             ("batch", "0", false),
+            ("flush", "off", true),
+            ("flush", "60s", true),
+            ("flush", "0s", false),
+            ("flush", "2h", false),
+            ("flush", "soon", false),
             ("listen", "off", true),
             ("listen", "[::1]:9", true),
             ("listen", "localhost:8080", false),

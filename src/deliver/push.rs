@@ -105,6 +105,13 @@ pub struct Sender {
     /// before its next request (the collection thread sends nothing until
     /// then: reading MMDS may take its whole timeout).
     reload_key: bool,
+    /// The `flush` setting: how long samples are held to share a POST.
+    flush: Option<Duration>,
+    /// The collection interval: how often a held batch looks for a
+    /// snapshot restore.
+    interval: Duration,
+    /// Since when the samples now buffered have been held for `flush`.
+    held_since: Option<Instant>,
 }
 
 impl Sender {
@@ -162,6 +169,9 @@ impl Sender {
             too_slow_for: None,
             signing,
             reload_key: false,
+            flush: config.flush,
+            interval: config.interval,
+            held_since: None,
         })
     }
 
@@ -194,9 +204,35 @@ impl Sender {
                 }
                 continue;
             }
+            if let Some(at) = s.hold(batch.samples().len(), Instant::now()) {
+                drop(batch);
+                drop(s);
+                if stop.wait_until(at) {
+                    break;
+                }
+                continue;
+            }
             s.attempt(batch);
         }
         lock().flush(stop.deadline_after(timeout));
+    }
+
+    /// With `flush` set, whether a batch of `n` samples waits: until when,
+    /// or `None` to send it now. It is sent once its first sample has been
+    /// held for `flush`, at once when it is full (`batch` samples: the
+    /// buffer never fills while samples are held) or after a snapshot
+    /// restore (the clone's first push must not wait on the parent's
+    /// samples). The wait is in steps of one interval, so that a restore
+    /// is seen within one.
+    fn hold(&mut self, n: usize, now: Instant) -> Option<Instant> {
+        let flush = self.flush?;
+        if n >= self.batch_limit || self.status.restores() != self.restores {
+            self.held_since = None;
+            return None;
+        }
+        // Kept past a failed attempt: a retry waits for the backoff only.
+        let due = *self.held_since.get_or_insert(now) + flush;
+        (due > now).then(|| due.min(now + self.interval))
     }
 
     /// One request for `batch` from the sender's thread, with everything
@@ -231,11 +267,13 @@ impl Sender {
     }
 
     /// Whether the collection thread may send its new sample itself now:
-    /// the target is known and needs no lookup, no backoff is running, no
-    /// restore waits to be handled, and the manager has not been too slow
-    /// for it. Anything else is the sender's thread's work.
+    /// samples are not held (`flush`), the target is known and needs no
+    /// lookup, no backoff is running, no restore waits to be handled, and
+    /// the manager has not been too slow for it. Anything else is the
+    /// sender's thread's work.
     pub fn may_send_directly(&self, now: Instant) -> bool {
-        self.target.is_some()
+        self.flush.is_none()
+            && self.target.is_some()
             && !self.resolve_again
             && self.retry_at.is_none_or(|at| at <= now)
             && self.too_slow_for.is_none()
@@ -564,6 +602,7 @@ impl Sender {
         match outcome {
             Outcome::Delivered => {
                 batch.remove();
+                self.held_since = None;
                 let ended = self.status.delivered(n as u64);
                 if ended > 0 {
                     log::info!(
@@ -585,6 +624,7 @@ impl Sender {
             }
             Outcome::Refused(status) => {
                 batch.remove();
+                self.held_since = None;
                 let msg = format!(
                     "manager refused samples seq {first}..={last} with HTTP {status}; they are dropped"
                 );
