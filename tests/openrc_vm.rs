@@ -24,61 +24,12 @@ mod vm_harness;
 
 use std::time::{Duration, Instant};
 
-use guest_agent::Sample;
-use vm_harness::{Boot, Post, Receiver, Vm};
+use vm_harness::service::{delivered, field, new_run, number, run_samples, secs};
+use vm_harness::{Boot, Receiver, Vm};
 
 const INGEST_PATH: &str = "/v1/guest-metrics";
 const VM_ID: &str = "vm-openrc";
 const NAME: &str = "openrc_service_boots_restarts_health_checks_and_stops";
-
-fn secs(d: Duration) -> String {
-    format!("{:.2}s", d.as_secs_f64())
-}
-
-/// `key=value` out of a marker line.
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-}
-
-fn uptime(line: &str, key: &str) -> f64 {
-    field(line, key)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
-}
-
-/// The requests this receiver accepted (2xx).
-fn delivered(posts: &[Post]) -> Vec<Post> {
-    posts
-        .iter()
-        .filter(|p| (200..300).contains(&p.status))
-        .cloned()
-        .collect()
-}
-
-/// Samples of `run` delivered so far, by seq.
-fn run_samples(posts: &[Post], run: &str) -> Vec<Sample> {
-    let mut s: Vec<Sample> = vm_harness::samples(&delivered(posts))
-        .into_iter()
-        .filter(|s| s.run_id == run)
-        .collect();
-    s.sort_by_key(|s| s.seq);
-    s
-}
-
-/// The first delivered sample of a run not in `known`: its run_id, seq and
-/// when its request arrived.
-fn new_run(posts: &[Post], known: &[String]) -> Option<(String, u64, Instant)> {
-    delivered(posts).iter().find_map(|p| {
-        let s = p
-            .samples
-            .as_ref()
-            .ok()?
-            .iter()
-            .find(|s| !known.contains(&s.run_id))?;
-        Some((s.run_id.clone(), s.seq, p.at))
-    })
-}
 
 #[test]
 fn openrc_service_boots_restarts_health_checks_and_stops() {
@@ -123,10 +74,10 @@ fn openrc_service_boots_restarts_health_checks_and_stops() {
     vm_harness::report(format_args!(
         "vm openrc: early init at guest uptime {}s, first boot service at {}s, network at {}s, \
          default runlevel at {}s ({} after QEMU start); first sample received {} after QEMU start",
-        uptime(&early, "uptime"),
-        uptime(&services, "uptime"),
-        uptime(&net, "uptime"),
-        uptime(&default, "uptime"),
+        number(&early, "uptime"),
+        number(&services, "uptime"),
+        number(&net, "uptime"),
+        number(&default, "uptime"),
         secs(default_at - vm.started),
         secs(first_push - vm.started)
     ));
@@ -168,7 +119,7 @@ fn openrc_service_boots_restarts_health_checks_and_stops() {
         "vm openrc: kill -9 of {} at guest uptime {}s; new run's first sample {} later \
          (respawn_delay 5 s + start + first push)",
         field(&killed, "pid").unwrap_or("?"),
-        uptime(&killed, "uptime"),
+        number(&killed, "uptime"),
         secs(respawn)
     ));
 
@@ -185,7 +136,7 @@ fn openrc_service_boots_restarts_health_checks_and_stops() {
         "vm openrc: SIGSTOP of {} at guest uptime {}s; health check restart's first sample {} \
          later (up to healthcheck_timer 5 s + the 5 s --health deadline + respawn_delay 5 s)",
         field(&sick, "pid").unwrap_or("?"),
-        uptime(&sick, "uptime"),
+        number(&sick, "uptime"),
         secs(healed)
     ));
 
@@ -199,7 +150,7 @@ fn openrc_service_boots_restarts_health_checks_and_stops() {
         stopped.starts_with("rc=0"),
         "rc-service guest-agent stop: {stopped}"
     );
-    let restart_stop_took = uptime(&stopped, "to") - uptime(&stopped, "from");
+    let restart_stop_took = number(&stopped, "to") - number(&stopped, "from");
     // Not a speed check: supervise-daemon waiting out its whole retry
     // schedule (TERM/15/KILL/5) on an exited agent is the failure looked for.
     assert!(
@@ -276,7 +227,7 @@ fn openrc_service_boots_restarts_health_checks_and_stops() {
         "rc-service guest-agent stop: {stopped}"
     );
     assert_eq!(field(&stopped, "agent"), Some("gone"), "{stopped}");
-    let stop_took = uptime(&stopped, "to") - uptime(&stopped, "from");
+    let stop_took = number(&stopped, "to") - number(&stopped, "from");
     // Not a speed check: past the retry schedule's TERM wait (15 s),
     // supervise-daemon would have had to SIGKILL the agent.
     assert!(

@@ -29,61 +29,12 @@ mod vm_harness;
 
 use std::time::{Duration, Instant};
 
-use guest_agent::Sample;
-use vm_harness::{Boot, Post, Receiver, Vm};
+use vm_harness::service::{delivered, field, new_run, number, run_samples, secs};
+use vm_harness::{Boot, Receiver, Vm};
 
 const INGEST_PATH: &str = "/v1/guest-metrics";
 const VM_ID: &str = "vm-systemd";
 const NAME: &str = "systemd_unit_is_ready_restarts_on_kill_and_watchdog_and_flushes_on_stop";
-
-fn secs(d: Duration) -> String {
-    format!("{:.2}s", d.as_secs_f64())
-}
-
-/// `key=value` out of a marker line.
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-}
-
-fn number(line: &str, key: &str) -> f64 {
-    field(line, key)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no number {key}= in {line:?}"))
-}
-
-/// The requests this receiver accepted (2xx).
-fn delivered(posts: &[Post]) -> Vec<Post> {
-    posts
-        .iter()
-        .filter(|p| (200..300).contains(&p.status))
-        .cloned()
-        .collect()
-}
-
-/// Samples of `run` delivered so far, by seq.
-fn run_samples(posts: &[Post], run: &str) -> Vec<Sample> {
-    let mut s: Vec<Sample> = vm_harness::samples(&delivered(posts))
-        .into_iter()
-        .filter(|s| s.run_id == run)
-        .collect();
-    s.sort_by_key(|s| s.seq);
-    s
-}
-
-/// The first delivered sample of a run not in `known`: its run_id, seq and
-/// when its request arrived.
-fn new_run(posts: &[Post], known: &[String]) -> Option<(String, u64, Instant)> {
-    delivered(posts).iter().find_map(|p| {
-        let s = p
-            .samples
-            .as_ref()
-            .ok()?
-            .iter()
-            .find(|s| !known.contains(&s.run_id))?;
-        Some((s.run_id.clone(), s.seq, p.at))
-    })
-}
 
 /// The JSON after `rc=0` in a marker line.
 fn json_after_rc(line: &str, what: &str) -> serde_json::Value {

@@ -10,6 +10,7 @@ pub mod monitor;
 pub mod overlay;
 pub mod qemu;
 pub mod receiver;
+pub mod service;
 
 use std::collections::BTreeMap;
 use std::path::Path;
