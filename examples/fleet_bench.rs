@@ -28,6 +28,8 @@
 //! 95 % of the offered samples, or the 99th percentile of how late pushes
 //! started is over a second) or when any request failed. After the last
 //! step, the bytes each stored sample takes are reported, after `VACUUM`.
+//! Unless `--unsigned`, every push is signed as an agent with a key signs
+//! it (docs/security.md) and the route checks every signature.
 
 #[allow(dead_code)]
 #[path = "postgres_ingest.rs"]
@@ -64,6 +66,11 @@ const USAGE: &str = "usage: fleet_bench [OPTIONS]
                        such as --pg-setting max_wal_size=8GB; repeatable
   --route-arg ARG      an argument for the route (postgres_ingest --help),
                        such as --route-arg --jsonb-copy=off; repeatable
+  --unsigned           push unsigned, to a route without master keys; by
+                       default every push is signed with its agent's own
+                       VM key, derived from a master key the route is given
+                       (--key-file), as agents with keys push
+                       (docs/security.md)
   --keep-going         run every step even after one saturates
 
 Every address is loopback: the route listens on 127.0.0.1, the cluster on
@@ -81,6 +88,7 @@ struct Options {
     pg_settings: Vec<(String, String)>,
     database_url: Option<String>,
     keep_going: bool,
+    signed: bool,
 }
 
 impl Options {
@@ -96,6 +104,7 @@ impl Options {
             pool: 8,
             database_url: None,
             keep_going: false,
+            signed: true,
         };
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
@@ -104,6 +113,10 @@ impl Options {
             }
             if arg == "--keep-going" {
                 o.keep_going = true;
+                continue;
+            }
+            if arg == "--unsigned" {
+                o.signed = false;
                 continue;
             }
             let value = args
@@ -321,15 +334,64 @@ impl BodyTemplate {
 /// The request line and headers of one push of `body`: the one place a
 /// request's headers are made, so that the bench sends what an agent sends
 /// (a signature over the body goes here).
-fn request_head(out: &mut Vec<u8>, host: &str, path: &str, body: &[u8]) {
+fn request_head(
+    out: &mut Vec<u8>,
+    host: &str,
+    path: &str,
+    body: &[u8],
+    signed: Option<&guest_agent::sign::Headers>,
+) {
     use std::io::Write;
     let _ = write!(
         out,
         "POST {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: guest-agent/{}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+         Content-Type: application/json\r\nContent-Length: {}\r\n",
         guest_agent::AGENT_VERSION,
         body.len()
     );
+    if let Some(h) = signed {
+        let _ = write!(
+            out,
+            "Content-Digest: {}\r\nSignature-Input: {}\r\nSignature: {}\r\n",
+            h.content_digest, h.signature_input, h.signature
+        );
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The fleet's master key and each agent's VM key derived from it once,
+/// as each agent holds its own: signing costs a fleet what it costs agents.
+struct Keys {
+    master: guest_agent::sign::Key,
+    vms: std::cell::RefCell<std::collections::HashMap<u64, guest_agent::sign::Key>>,
+}
+
+impl Keys {
+    /// A master key of 32 bytes from the kernel's random source.
+    fn new() -> Result<Keys, String> {
+        let mut bytes = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+            .map_err(|e| format!("reading /dev/urandom for a master key: {e}"))?;
+        Ok(Keys {
+            master: guest_agent::sign::Key::new("fleet", bytes)?,
+            vms: Default::default(),
+        })
+    }
+
+    /// Forgets the agents' keys: a new step is a new fleet, with other
+    /// vm_ids.
+    fn new_fleet(&self) {
+        self.vms.borrow_mut().clear();
+    }
+
+    /// Agent `a`'s signature over `body`.
+    fn sign(&self, a: u64, vm: &str, path: &str, body: &[u8]) -> guest_agent::sign::Headers {
+        let mut vms = self.vms.borrow_mut();
+        let key = vms.entry(a).or_insert_with(|| self.master.derive(vm));
+        let created = now_ms() / 1000;
+        guest_agent::sign::sign(key, vm, "POST", path, body, created)
+    }
 }
 
 /// Reads one HTTP/1.1 answer from `conn`, keeping the bytes after it for
@@ -407,6 +469,7 @@ fn accepted_of(body: &[u8]) -> u64 {
 fn run_step(
     addr: SocketAddr,
     template: &Rc<BodyTemplate>,
+    keys: &Option<Rc<Keys>>,
     agents: u64,
     o: &Options,
     seed: u64,
@@ -425,6 +488,9 @@ fn run_step(
     // The clock in the seed: a second run on the same database (with
     // --database-url) gets other run ids, not a fleet of resends.
     let fleet_id = splitmix64(seed ^ now_ms());
+    if let Some(keys) = keys {
+        keys.new_fleet();
+    }
     let push_every = o.push_interval();
     let batch = o.batch();
     let step_ms = o.interval.as_millis() as u64;
@@ -439,6 +505,7 @@ fn run_step(
                 let next = next.clone();
                 let host = host.clone();
                 let template = template.clone();
+                let keys = keys.clone();
                 let mut rng = Rng(splitmix64(seed ^ ((c as u64 + 1) << 32)));
                 local.spawn_local(async move {
                     use tokio::io::AsyncWriteExt;
@@ -466,7 +533,9 @@ fn run_step(
                             &mut rng,
                         );
                         request.clear();
-                        request_head(&mut request, &host, "/v1/guest-metrics", &body);
+                        let path = "/v1/guest-metrics";
+                        let signed = keys.as_ref().map(|k| k.sign(a, &vm, path, &body));
+                        request_head(&mut request, &host, path, &body, signed.as_ref());
                         request.extend_from_slice(&body);
                         let sent = tokio::time::Instant::now();
                         tally.lag_us.push((sent - due).as_micros() as u64);
@@ -716,7 +785,24 @@ fn run(o: Options) -> Result<(), String> {
         (None, Some(c)) => c.url(),
         (None, None) => return Err("no database".into()),
     };
-    let (route, addr) = start_route(&database_url, o.pool, &o.route_args)?;
+    // Signed pushes: the route is given the master key (a file of mode
+    // 0600 in a directory of the bench's own) and checks every push.
+    let key_dir =
+        tempfile::tempdir().map_err(|e| format!("a directory for the master key: {e}"))?;
+    let keys = if o.signed {
+        let keys = Keys::new()?;
+        let path = key_dir.path().join("master.keys");
+        std::fs::write(&path, keys.master.to_line() + "\n")
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        let mut route_args = o.route_args.clone();
+        route_args.extend(["--key-file".to_string(), path.display().to_string()]);
+        Some((Rc::new(keys), route_args))
+    } else {
+        None
+    };
+    let route_args = keys.as_ref().map_or(&o.route_args, |(_, a)| a);
+    let (route, addr) = start_route(&database_url, o.pool, route_args)?;
+    let keys = keys.map(|(k, _)| k);
     let route_pid = route.0.id();
     let pg_pid = cluster.as_ref().and_then(postgres::PgServer::pid);
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -738,7 +824,7 @@ fn run(o: Options) -> Result<(), String> {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "fleet_bench: {cores} cores, load average {} at start, interval {}s, push every {}s ({} samples per push), {}s per step, {} connections, route pool {}",
+        "fleet_bench: {cores} cores, load average {} at start, interval {}s, push every {}s ({} samples per push), {}s per step, {} connections, route pool {}, {}",
         load.split_whitespace()
             .take(3)
             .collect::<Vec<_>>()
@@ -748,7 +834,12 @@ fn run(o: Options) -> Result<(), String> {
         o.batch(),
         o.duration.as_secs(),
         o.connections,
-        o.pool
+        o.pool,
+        if o.signed {
+            "every push signed with its agent's VM key"
+        } else {
+            "unsigned"
+        }
     );
     println!(
         "| agents | offered samples/s | stored samples/s | requests | failed | p50 ms | p99 ms | p99 late start ms | route CPU % | route RSS MiB | PostgreSQL CPU % | PostgreSQL PSS MiB | fleet CPU % | fleet RSS MiB | fleet CPU µs/request |"
@@ -763,7 +854,7 @@ fn run(o: Options) -> Result<(), String> {
         let pg_before = pg_pid.map(tree_usage);
         let me_before = cpu_secs(me, false);
         let started = Instant::now();
-        let mut tally = run_step(addr, &template, agents, &o, 0x5eed + step as u64);
+        let mut tally = run_step(addr, &template, &keys, agents, &o, 0x5eed + step as u64);
         let secs = started.elapsed().as_secs_f64();
         let route_cpu = (cpu_secs(route_pid, true) - route_before) / secs * 100.0;
         let route_rss = proc_kb(&format!("/proc/{route_pid}/status"), "VmRSS:") as f64 / 1024.0;
