@@ -30,32 +30,10 @@ pub fn args(path: &Path) -> Vec<String> {
 /// user-mode network `n0` (the guest's DHCP address, 10.0.2.15).
 pub fn hostfwd(path: &Path, host_port: u16, guest_port: u16) -> Result<(), String> {
     let cmd = format!("hostfwd_add n0 tcp:127.0.0.1:{host_port}-:{guest_port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut conn = loop {
-        match UnixStream::connect(path) {
-            Ok(c) => break c,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => return Err(format!("monitor {}: {e}", path.display())),
-        }
-    };
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    conn.write_all(format!("{cmd}\n").as_bytes())
-        .map_err(|e| format!("monitor: {e}"))?;
-    // The monitor echoes the command and prints a new prompt when done; an
-    // error is printed in between.
-    let mut out = String::new();
-    let mut chunk = [0u8; 1024];
-    while out.matches("(qemu)").count() < 2 {
-        match conn.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => out.push_str(&String::from_utf8_lossy(&chunk[..n])),
-            Err(e) => return Err(format!("monitor: {e}; so far {out:?}")),
-        }
-    }
-    let after = out.rsplit_once(&cmd).map_or(out.as_str(), |(_, a)| a);
-    if after.to_ascii_lowercase().contains("could not") || after.contains("rror") {
-        return Err(format!("{cmd}: {after:?}"));
+    // Nothing is printed on success; an error is.
+    let answer = command(path, &cmd)?;
+    if answer.to_ascii_lowercase().contains("could not") || answer.contains("rror") {
+        return Err(format!("{cmd}: {answer:?}"));
     }
     Ok(())
 }
